@@ -1,4 +1,4 @@
-"""The command line: `taskfed run`, `taskfed demo`."""
+"""The command line: `taskfed run`, `taskfed demo`, `taskfed bench`, `taskfed report`."""
 
 from __future__ import annotations
 
@@ -66,6 +66,35 @@ def demo(
     except TaskfedError as exc:
         _fail(exc)
     print(table)
+
+
+@app.command()
+def bench(
+    suite: Path = typer.Argument(..., help="Suite file (TOML): methods x scenarios x seeds."),
+    out: Path = typer.Option(..., "--out", help="Bench folder: one run folder per cell, report.md."),
+    smoke: bool = typer.Option(False, "--smoke", help="Every cell on the tiny model with the minimal budget."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda[:n] (bf16 on cuda); default: the suite's."),
+) -> None:
+    """Run every unfinished cell of a suite (an interrupted bench resumes), then write DIR/report.md."""
+    from taskfed.bench.suite import run_bench
+
+    try:
+        grid = run_bench(suite, out, smoke=smoke, device=device, log=_log, command=" ".join(["taskfed"] + sys.argv[1:]))
+    except TaskfedError as exc:
+        _fail(exc)
+    console.print(f"[green]done[/green] {len(grid)} cells; report {out / 'report.md'}")
+
+
+@app.command()
+def report(folder: Path = typer.Argument(..., help="A bench folder.")) -> None:
+    """Rebuild DIR/report.md and its figures from the run folders alone."""
+    from taskfed.bench.report import write_report
+
+    try:
+        path = write_report(folder)
+    except TaskfedError as exc:
+        _fail(exc)
+    console.print(f"[green]done[/green] {path}")
 
 
 def main() -> None:  # pragma: no cover

@@ -145,7 +145,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise TaskfedError(f"{path}: malformed TOML ({exc}).") from None
-    raw = apply_overrides(raw, overrides or [])
+    return validate_config(apply_overrides(raw, overrides or []), source)
+
+
+def validate_config(raw: dict[str, Any], source: str) -> RunConfig:
+    """A run config from a raw dict; errors name `source` (a file, or a file and the place inside it)."""
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:

@@ -114,8 +114,12 @@ def finish_out(tmp: Path, out_dir: Path) -> None:
 class Experiment:
     """Builds everything a run needs; `run()` does the rounds and the evaluation."""
 
-    def __init__(self, cfg: RunConfig, rt: Runtime | None = None, log: Callable[[str], None] = lambda s: None):
+    def __init__(self, cfg: RunConfig, rt: Runtime | None = None, log: Callable[[str], None] = lambda s: None,
+                 gen_cache: dict | None = None):
+        # gen_cache: generations keyed by (prompt, adapter fingerprints and weights, budget); a bench passes
+        # one dict to every run on the same runtime so that identical (adapter, input) pairs generate once.
         self.cfg, self.log = cfg, log
+        self.gen_cache = {} if gen_cache is None else gen_cache
         torch.manual_seed(cfg.seed)
         train, test = load_records(cfg)
         self.unseen = list(cfg.data.unseen_tasks)
@@ -166,7 +170,7 @@ class Experiment:
         return rounds, setup_bytes
 
     def evaluate(self) -> dict:
-        cache: dict = {}
+        cache = self.gen_cache
         out = {}
         for mode in self.cfg.eval.modes:  # one generation cache for all modes: local rows recur in global
             if mode == "unseen" and not self.unseen:
@@ -216,5 +220,5 @@ class Experiment:
 
 
 def run_experiment(cfg: RunConfig, out_dir: str | Path | None = None, rt: Runtime | None = None,
-                   log: Callable[[str], None] = lambda s: None) -> dict:
-    return Experiment(cfg, rt=rt, log=log).run(out_dir)
+                   log: Callable[[str], None] = lambda s: None, gen_cache: dict | None = None) -> dict:
+    return Experiment(cfg, rt=rt, log=log, gen_cache=gen_cache).run(out_dir)

@@ -1,0 +1,321 @@
+"""`DIR/report.md` and its figures, rebuilt from the run folders alone (`taskfed report DIR`).
+
+Everything above the "Wall time" section depends only on the runs' results (scores, bytes, losses), so a
+resumed bench and an uninterrupted one write the same text there; wall time differs from run to run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from taskfed.bench import figures
+from taskfed.bench.stats import CLAIMS, Summary, best_baseline, mean_ci, relative_gain
+from taskfed.bench.suite import BASELINES
+from taskfed.errors import TaskfedError
+
+WALL_TIME_HEADING = "## Wall time"
+
+
+@dataclass
+class CellRun:
+    scenario: str  # label (folder)
+    method: str  # label (folder)
+    seed: int
+    metrics: dict
+
+    @property
+    def method_name(self) -> str:
+        return self.metrics["method"]
+
+    @property
+    def scenario_name(self) -> str:
+        return self.metrics["scenario"]
+
+
+def collect(folder: Path) -> list[CellRun]:
+    """Every finished cell under `folder` (<scenario>/<method>/seed-<s>/metrics.json), sorted."""
+    runs = []
+    for path in sorted(folder.glob("*/*/seed-*/metrics.json")):
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise TaskfedError(f"{path}: unreadable metrics ({exc}).") from None
+        for key in ("method", "scenario", "seed", "eval", "rounds", "bytes_communicated"):
+            if key not in metrics:
+                raise TaskfedError(f"{path}: not a taskfed metrics file (no '{key}').")
+        runs.append(CellRun(path.parent.parent.parent.name, path.parent.parent.name, int(metrics["seed"]), metrics))
+    return runs
+
+
+def _fmt(s: Summary, digits: int = 4) -> str:
+    if s.n == 0:
+        return "n/a"
+    if s.half_width is None:
+        return f"{s.mean:.{digits}f}"
+    return f"{s.mean:.{digits}f} ± {s.half_width:.{digits}f}"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:+.1f}%"
+
+
+def _ordered(seq):
+    return list(dict.fromkeys(seq))
+
+
+MODE_ORDER = ("local", "global", "unseen")
+
+
+def suite_order(runs: list[CellRun], suite: dict) -> list[CellRun]:
+    """Runs in the suite's order of scenarios and methods (folder order for anything the suite lacks)."""
+    rank: dict[tuple[str, str], int] = {}
+    for spec in suite.get("scenario", []):
+        for table in spec["methods"]:
+            rank.setdefault((spec["label"], str(table.get("label", table.get("name")))), len(rank))
+    scen_rank = {s: i for i, s in enumerate(_ordered(sc for sc, _ in rank))}
+    return sorted(runs, key=lambda r: (scen_rank.get(r.scenario, len(scen_rank)), r.scenario,
+                                       rank.get((r.scenario, r.method), len(rank)), r.method, r.seed))
+
+
+class BenchTables:
+    """Per scenario: methods, modes and the seed summaries of every (method, mode)."""
+
+    def __init__(self, runs: list[CellRun], baselines: list[str]):
+        self.runs, self.baselines = runs, baselines
+        self.scenarios = _ordered(r.scenario for r in runs)
+        self.by_cell: dict[tuple[str, str], list[CellRun]] = defaultdict(list)
+        for r in runs:
+            self.by_cell[(r.scenario, r.method)].append(r)
+        self.names = {(r.scenario, r.method): r.method_name for r in runs}
+
+    def methods(self, scenario: str) -> list[str]:
+        return _ordered(r.method for r in self.runs if r.scenario == scenario)
+
+    def modes(self, scenario: str) -> list[str]:
+        found = {m for r in self.runs if r.scenario == scenario for m in r.metrics["eval"]}
+        return [m for m in MODE_ORDER if m in found] + sorted(found - set(MODE_ORDER))
+
+    def score(self, scenario: str, method: str, mode: str) -> Summary:
+        return mean_ci([r.metrics["eval"].get(mode, {}).get("score") for r in self.by_cell[(scenario, method)]])
+
+    def task_score(self, scenario: str, method: str, mode: str, task: str) -> Summary:
+        """Per seed, the mean over clients of the task's ROUGE-1 (clients holding the task), then over seeds."""
+        vals = []
+        for r in self.by_cell[(scenario, method)]:
+            per = [c["per_task"][task]["rouge1"] for c in r.metrics["eval"].get(mode, {}).get("per_client", {}).values()
+                   if task in c["per_task"]]
+            if per:
+                vals.append(float(np.mean(per)))
+        return mean_ci(vals)
+
+    def tasks(self, scenario: str, mode: str) -> list[str]:
+        return sorted({t for r in self.runs if r.scenario == scenario
+                       for c in r.metrics["eval"].get(mode, {}).get("per_client", {}).values() for t in c["per_task"]})
+
+    def mean_of(self, scenario: str, method: str, fn) -> float:
+        return float(np.mean([fn(r.metrics) for r in self.by_cell[(scenario, method)]]))
+
+
+def _score_table(t: BenchTables, scenario: str) -> list[str]:
+    modes = t.modes(scenario)
+    lines = ["| method | seeds | " + " | ".join(modes) + " | bytes communicated | train tokens |",
+             "|---" * (len(modes) + 4) + "|"]
+    for m in t.methods(scenario):
+        seeds = len(t.by_cell[(scenario, m)])
+        nbytes = t.mean_of(scenario, m, lambda x: x["bytes_communicated"])
+        tokens = t.mean_of(scenario, m, lambda x: sum(r.get("train_tokens", 0) for r in x["rounds"]))
+        cells = [_fmt(t.score(scenario, m, mode)) for mode in modes]
+        lines.append(f"| {m} | {seeds} | " + " | ".join(cells) + f" | {nbytes:,.0f} | {tokens:,.0f} |")
+    return lines
+
+
+def _gain_table(t: BenchTables, scenario: str) -> list[str]:
+    modes = t.modes(scenario)
+    lines = ["| method | " + " | ".join(f"{m} vs best baseline" for m in modes) + " |", "|---" * (len(modes) + 1) + "|"]
+    names = {m: t.names[(scenario, m)] for m in t.methods(scenario)}
+    others = [m for m in t.methods(scenario) if names[m] not in t.baselines]
+    if not others:
+        return []
+    for m in others:
+        cells = []
+        for mode in modes:
+            means = {b: t.score(scenario, b, mode).mean for b in names}
+            best = best_baseline(means, t.baselines, names)
+            cells.append("no baseline" if best is None else f"{_pct(relative_gain(means[m], best[1]))} (vs {best[0]})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _claims(t: BenchTables) -> list[str]:
+    lines = ["| claim | scenario | here | holds here? |", "|---|---|---|---|"]
+    any_row = False
+    for claim in CLAIMS:
+        for scenario in t.scenarios:
+            names = {m: t.names[(scenario, m)] for m in t.methods(scenario)}
+            scen_name = next(r.scenario_name for r in t.runs if r.scenario == scenario)
+            if scen_name != claim.scenario or claim.mode not in t.modes(scenario):
+                continue
+            for m in [m for m, n in names.items() if n == claim.method]:
+                here, holds = _check(t, scenario, m, claim, names)
+                if here is None:
+                    continue
+                any_row = True
+                lines.append(f"| {claim.text} | {scenario} ({claim.mode}) | {m}: {here} | {holds} |")
+    return lines if any_row else []
+
+
+def _check(t: BenchTables, scenario: str, m: str, claim, names: dict[str, str]) -> tuple[str | None, str]:
+    score = t.score(scenario, m, claim.mode)
+    if claim.versus == "best-baseline":
+        best = best_baseline({b: t.score(scenario, b, claim.mode).mean for b in names}, t.baselines, names)
+        if best is None:
+            return None, ""
+        gain = relative_gain(score.mean, best[1])
+        holds = "n/a" if gain is None else ("yes" if gain >= claim.value else ("partly (a gain, smaller)" if gain > 0 else "no"))
+        return f"{_pct(gain)} vs {best[0]}", holds
+    refs = [b for b, n in names.items() if n == claim.versus]
+    if not refs:
+        return None, ""
+    ref = refs[0]
+    if claim.kind == "per-task":
+        tasks = t.tasks(scenario, claim.mode)
+        above = sum(t.task_score(scenario, m, claim.mode, k).mean > t.task_score(scenario, ref, claim.mode, k).mean
+                    for k in tasks)
+        return f"above {ref} on {above} of {len(tasks)} tasks", "yes" if above == len(tasks) else "no"
+    other = t.score(scenario, ref, claim.mode)
+    gap = score.mean - other.mean
+    # "Above" with confidence: the gap exceeds both intervals' half widths combined (a conservative check).
+    margin = (score.half_width or 0.0) + (other.half_width or 0.0)
+    verdict = "yes" if gap > margin else ("within noise" if gap > 0 else "no")
+    return f"{score.mean:.4f} vs {ref} {other.mean:.4f}", verdict
+
+
+def _figures(t: BenchTables, folder: Path) -> list[str]:
+    lines = []
+    fig_dir = folder / "figures"
+    for scenario in t.scenarios:
+        methods, modes = t.methods(scenario), t.modes(scenario)
+        summaries = {(m, mode): t.score(scenario, m, mode) for m in methods for mode in modes}
+        rel = lambda p: p.relative_to(folder).as_posix()  # noqa: E731
+        lines += [f"### {scenario}", ""]
+        p = figures.scores_bars(fig_dir / f"scores_{scenario}.png", f"{scenario}: ROUGE-1 per method", methods, modes, summaries)
+        lines.append(f"![scores {scenario}]({rel(p)})")
+        mode = "global" if "global" in modes else modes[0]
+        grids = {}
+        for m in methods:
+            first = t.by_cell[(scenario, m)]
+            clients = sorted({c for r in first for c in r.metrics["eval"].get(mode, {}).get("per_client", {})})
+            tasks = t.tasks(scenario, mode)
+            grid = np.full((len(clients), len(tasks)), np.nan)
+            for i, c in enumerate(clients):
+                for j, k in enumerate(tasks):
+                    vals = [r.metrics["eval"][mode]["per_client"][c]["per_task"][k]["rouge1"] for r in first
+                            if k in r.metrics["eval"].get(mode, {}).get("per_client", {}).get(c, {}).get("per_task", {})]
+                    if vals:
+                        grid[i, j] = float(np.mean(vals))
+            grids[m] = (clients, tasks, grid)
+        p = figures.heatmaps(fig_dir / f"heatmap_{scenario}.png", f"{scenario}: ROUGE-1 per client and task ({mode}, mean over seeds)", grids)
+        lines.append(f"![heatmap {scenario}]({rel(p)})")
+        for m in methods:
+            runs = t.by_cell[(scenario, m)]
+            conf = runs[0].metrics["eval"].get(mode, {}).get("router_confusion")
+            if conf:  # cluster ids are not comparable across seeds: the first seed's run
+                tasks = sorted(conf)
+                p = figures.confusion(fig_dir / f"router_{scenario}_{m}.png",
+                                      f"{scenario} / {m} (seed {runs[0].seed}, {mode}): true task x chosen cluster",
+                                      tasks, np.array([conf[k] for k in tasks]))
+                lines.append(f"![router {scenario} {m}]({rel(p)})")
+        curves = {}
+        for m in methods:
+            per_seed = [[x["train_loss"] for x in r.metrics["rounds"]] for r in t.by_cell[(scenario, m)]]
+            length = min(len(c) for c in per_seed)
+            curves[m] = np.nanmean(np.array([c[:length] for c in per_seed], dtype=float), axis=0)
+        p = figures.loss_curves(fig_dir / f"loss_{scenario}.png", f"{scenario}: train loss per round", curves)
+        lines.append(f"![loss {scenario}]({rel(p)})")
+        points = {m: (t.mean_of(scenario, m, lambda x: x["bytes_communicated"]), summaries[(m, mode)].mean) for m in methods}
+        p = figures.score_vs_bytes(fig_dir / f"bytes_{scenario}.png", f"{scenario}: score against bytes", points, mode)
+        lines += [f"![bytes {scenario}]({rel(p)})", ""]
+    return lines
+
+
+def _accuracies(t: BenchTables) -> list[str]:
+    """Router accuracy and per-round clustering accuracy (mean over seeds), for the methods that report them."""
+    lines = []
+    for scenario in t.scenarios:
+        for m in t.methods(scenario):
+            runs = t.by_cell[(scenario, m)]
+            for mode in t.modes(scenario):
+                evs = [r.metrics["eval"].get(mode, {}) for r in runs]
+                router = mean_ci([e.get("router_accuracy") for e in evs])
+                if router.n:
+                    lines.append(f"- {scenario} / {m} / {mode}: router accuracy {_fmt(router, 3)}")
+            curves = [r.metrics["eval"][next(iter(r.metrics["eval"]))].get("clustering_accuracy_per_round")
+                      for r in runs if r.metrics["eval"]]
+            curves = [c for c in curves if c]
+            if curves:
+                length = min(map(len, curves))
+                per_round = [mean_ci([c[i] for c in curves]) for i in range(length)]
+                lines.append(f"- {scenario} / {m}: clustering accuracy per round "
+                             + ", ".join(_fmt(s, 3) for s in per_round))
+    return ["## Routing and clustering accuracy", ""] + lines + [""] if lines else []
+
+
+def _wall_time(t: BenchTables) -> list[str]:
+    lines = [WALL_TIME_HEADING, "", "Mean seconds per cell (machine-dependent; the only section that differs "
+             "between two runs of the same bench).", "",
+             "| scenario | method | setup | train | eval |", "|---|---|---|---|---|"]
+    for scenario in t.scenarios:
+        for m in t.methods(scenario):
+            setup = t.mean_of(scenario, m, lambda x: x.get("setup_seconds", 0.0))
+            train = t.mean_of(scenario, m, lambda x: sum(r["seconds"] for r in x["rounds"]))
+            ev = t.mean_of(scenario, m, lambda x: sum(e.get("seconds", 0.0) for e in x["eval"].values()))
+            lines.append(f"| {scenario} | {m} | {setup:.1f} | {train:.1f} | {ev:.1f} |")
+    return lines
+
+
+def build_report(folder: Path) -> str:
+    runs = collect(folder)
+    if not runs:
+        raise TaskfedError(f"{folder}: no finished runs (<scenario>/<method>/seed-<s>/metrics.json) to report on.")
+    stamp = folder / "suite.json"
+    suite = json.loads(stamp.read_text())["suite"] if stamp.exists() else {}
+    runs = suite_order(runs, suite)
+    t = BenchTables(runs, suite.get("baselines", BASELINES))
+    lines = [f"# Bench report: {suite.get('name', folder.name)}", ""]
+    history = folder / "runs.json"
+    if history.exists():
+        commits = _ordered(str(h.get("commit")) for h in json.loads(history.read_text()))
+        lines += [f"Commit(s): {', '.join(commits)}.", ""]
+    seeds = sorted({r.seed for r in runs})
+    lines += [f"{len(runs)} runs; seeds {', '.join(map(str, seeds))}. Scores are mean ROUGE-1 over the clients "
+              "(methods.md), then the mean over seeds ± the half width of its 95% confidence interval "
+              f"(Student t). Baselines: {', '.join(t.baselines)}.", ""]
+    for scenario in t.scenarios:
+        name = next(r.scenario_name for r in runs if r.scenario == scenario)
+        lines += [f"## {scenario}" + (f" (scenario '{name}')" if name != scenario else ""), ""]
+        lines += _score_table(t, scenario) + [""]
+        gains = _gain_table(t, scenario)
+        if gains:
+            lines += ["Relative to the best baseline (by mean):", ""] + gains + [""]
+    claims = _claims(t)
+    if claims:
+        lines += ["## The papers' claims at this scale", "",
+                  "\"within noise\": above on the mean but not by more than the confidence intervals.", ""] + claims + [""]
+    lines += _accuracies(t)
+    lines += ["## Figures", ""] + _figures(t, folder)
+    lines += _wall_time(t)
+    return "\n".join(lines) + "\n"
+
+
+def write_report(folder: Path) -> Path:
+    text = build_report(folder)
+    path = folder / "report.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,193 @@
+"""A benchmark suite: methods x scenarios x seeds, one `taskfed run` folder per cell.
+
+A suite file (TOML):
+
+    version = 1
+    name = "quick"
+    seeds = [0, 1, 2]
+    baselines = ["local", "fedavg", "fedprox", "clustered", "ifca"]   # the default
+
+    [base]                  # a run config without [method]: what every cell shares
+    [base.model]
+    name = "smollm2"
+    ...
+
+    [[scenario]]            # one entry per scenario; `config` is merged over `base`
+    label = "feddpa-single"
+    methods = [{ name = "local" }, { name = "feddpa-f", label = "feddpa-f-fixed", weighting = "fixed" }]
+    [scenario.config.scenario]
+    name = "single"
+
+A cell's folder is DIR/<scenario label>/<method label>/seed-<seed>. A folder holding `metrics.json` is
+finished (run folders are renamed into place only when complete), so a second `taskfed bench` resumes.
+Cells that share a runtime key (model, LoRA shape, template, length; the seed too for the randomly
+initialised tiny model) share one loaded base model, its caches (encodings, embeddings) and one
+generation cache.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from taskfed.config import RunConfig, smoke as smoke_config, validate_config
+from taskfed.errors import TaskfedError
+
+SUITE_VERSION = 1
+BASELINES = ["local", "fedavg", "fedprox", "clustered", "ifca"]
+
+
+class ScenarioSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    label: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    config: dict[str, Any] = Field(default_factory=dict, description="merged over [base]")
+    methods: list[dict[str, Any]] = Field(min_length=1)
+
+
+class Suite(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = SUITE_VERSION
+    name: str
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    baselines: list[str] = Field(default_factory=lambda: list(BASELINES))
+    base: dict[str, Any] = Field(default_factory=dict)
+    scenario: list[ScenarioSpec] = Field(min_length=1)
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v != SUITE_VERSION:
+            raise ValueError(f"unsupported suite version {v} (this taskfed reads {SUITE_VERSION})")
+        return v
+
+
+@dataclass
+class Cell:
+    scenario: str  # the scenario's label
+    method: str  # the method's label (its name unless the suite gives one)
+    seed: int
+    cfg: RunConfig
+
+    @property
+    def path(self) -> Path:
+        return Path(self.scenario) / self.method / f"seed-{self.seed}"
+
+
+def deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_suite(path: Path) -> Suite:
+    if not path.is_file():
+        raise TaskfedError(f"{path}: suite file does not exist.")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise TaskfedError(f"{path}: malformed TOML ({exc}).") from None
+    try:
+        return Suite.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "suite"
+        if first["type"] == "extra_forbidden":
+            raise TaskfedError(f"{path}: unknown key '{key}'.") from None
+        raise TaskfedError(f"{path}: bad value for '{key}': {first['msg']}.") from None
+
+
+def cells(suite: Suite, source: str, smoke: bool = False, device: str | None = None) -> list[Cell]:
+    """Every cell's validated run config, in a fixed order (scenario, method, seed)."""
+    out, seen = [], set()
+    if "method" in suite.base or "seed" in suite.base:
+        raise TaskfedError(f"{source}: [base] may not set 'method' or 'seed' (the suite's grid does).")
+    for spec in suite.scenario:
+        for table in spec.methods:
+            table = dict(table)
+            label = str(table.pop("label", table.get("name", "")))
+            if (spec.label, label) in seen:
+                raise TaskfedError(f"{source}: scenario '{spec.label}' lists method '{label}' twice "
+                                   f"(give one of them a distinct 'label').")
+            seen.add((spec.label, label))
+            for seed in suite.seeds:
+                raw = deep_merge(deep_merge(suite.base, spec.config), {"method": table, "seed": seed})
+                cfg = validate_config(raw, f"{source}, scenario '{spec.label}', method '{label}'")
+                if smoke:
+                    cfg = smoke_config(cfg)
+                if device is not None:
+                    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={
+                        "device": device, "dtype": "bfloat16" if device.startswith("cuda") else "float32"})})
+                out.append(Cell(spec.label, label, seed, cfg))
+    return out
+
+
+def runtime_key(cfg: RunConfig) -> str:
+    """What a loaded runtime depends on; cells with equal keys share one."""
+    key = {"model": cfg.model.model_dump(), "lora": cfg.lora.model_dump(), "template": cfg.data.template,
+           "max_length": cfg.data.max_length}
+    if cfg.model.name == "tiny":  # randomly initialised from the run's seed
+        key["seed"] = cfg.seed
+    return json.dumps(key, sort_keys=True)
+
+
+def git_commit() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (out.stdout.strip() + ("+dirty" if dirty else "")) if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_bench(suite_path: Path, out: Path, smoke: bool = False, device: str | None = None,
+              log: Callable[[str], None] = print, command: str | None = None) -> list[Cell]:
+    """Runs every unfinished cell of the suite into `out`, then writes out/report.md."""
+    from taskfed.bench.report import write_report
+    from taskfed.run import run_experiment
+    from taskfed.runtime import Runtime
+
+    suite = load_suite(suite_path)
+    grid = cells(suite, str(suite_path), smoke, device)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = {"suite": suite.model_dump(), "smoke": smoke, "device": device}
+    stamp = out / "suite.json"
+    if stamp.exists():
+        before = json.loads(stamp.read_text())
+        if before != resolved:
+            raise TaskfedError(f"{out}: holds a bench of a different suite or options ({stamp}); "
+                               f"use another --out folder.")
+    else:
+        stamp.write_text(json.dumps(resolved, indent=2, sort_keys=True))
+        (out / "suite.toml").write_text(tomli_w.dumps(suite.model_dump()))
+    runs = json.loads((out / "runs.json").read_text()) if (out / "runs.json").exists() else []
+    runs.append({"commit": git_commit(), "command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    (out / "runs.json").write_text(json.dumps(runs, indent=2))
+
+    rt, rt_key, gen_cache = None, None, {}
+    todo = [c for c in grid if not (out / c.path / "metrics.json").exists()]
+    log(f"bench {suite.name}: {len(grid)} cells, {len(grid) - len(todo)} finished earlier, {len(todo)} to run")
+    for n, cell in enumerate(todo, 1):
+        key = runtime_key(cell.cfg)
+        if key != rt_key:  # one loaded model at a time; cells are ordered so that most keys repeat
+            rt, rt_key, gen_cache = None, key, {}
+            rt = Runtime(cell.cfg)
+        rt.cfg = cell.cfg  # the runtime reads the cell's eval batch size and seed (initial adapter)
+        log(f"[{n}/{len(todo)}] {cell.path}")
+        folder = out / cell.path
+        if folder.exists() and not any(folder.iterdir()):
+            folder.rmdir()
+        run_experiment(cell.cfg, folder, rt=rt, log=log, gen_cache=gen_cache)
+    write_report(out)
+    return grid
