@@ -1,0 +1,200 @@
+"""The benchmark harness: seed aggregation against hand-computed values, resume after an interruption,
+the report's figures, and the suite's error messages."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import taskfed.run
+from taskfed.bench import report as bench_report
+from taskfed.bench.report import WALL_TIME_HEADING, build_report
+from taskfed.bench.stats import best_baseline, mean_ci, relative_gain
+from taskfed.bench.suite import cells, load_suite, run_bench
+from taskfed.cli import app
+from taskfed.errors import TaskfedError
+
+from .conftest import FLAN
+
+
+# ----------------------------------------------------------------------------- statistics
+def test_mean_ci_against_hand_computed_values():
+    # [1, 2, 3]: mean 2, s = 1, sem = 1/sqrt(3), t_{0.975, 2} = 4.302653 -> half width 2.484138.
+    s = mean_ci([1.0, 2.0, 3.0])
+    assert s.n == 3 and s.mean == pytest.approx(2.0)
+    assert s.half_width == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    assert (s.low, s.high) == pytest.approx((2.0 - 2.484138, 2.0 + 2.484138), rel=1e-6)
+    # [0.2, 0.4]: mean 0.3, s = 0.141421, sem = 0.1, t_{0.975, 1} = 12.706205 -> 1.2706205.
+    assert mean_ci([0.2, 0.4]).half_width == pytest.approx(1.2706205, rel=1e-6)
+    one = mean_ci([0.7])
+    assert one.n == 1 and one.mean == 0.7 and one.half_width is None
+    assert mean_ci([None, float("nan"), 0.5]).n == 1  # missing scores do not count as seeds
+
+
+def test_relative_gain_and_best_baseline():
+    assert relative_gain(0.53, 0.5) == pytest.approx(0.06)
+    assert relative_gain(0.4, 0.5) == pytest.approx(-0.2)
+    assert relative_gain(0.4, 0.0) is None
+    names = {"local": "local", "fedavg": "fedavg", "fedrouter": "fedrouter", "prox": "fedprox"}
+    means = {"local": 0.30, "fedavg": 0.35, "fedrouter": 0.50, "prox": 0.34}
+    # FedRouter has the highest mean but is not a baseline.
+    assert best_baseline(means, ["local", "fedavg", "fedprox"], names) == ("fedavg", 0.35)
+    assert best_baseline({"fedrouter": 0.5}, ["fedavg"], {"fedrouter": "fedrouter"}) is None
+
+
+def _fake_metrics(method: str, scenario: str, seed: int, score: float, per_task: dict[str, float]) -> dict:
+    per_client = {"0": {"score": score, "per_task": {t: {"n": 2, "rouge1": v, "rougeL": v, "exact_match": 0.0}
+                                                     for t, v in per_task.items()}}}
+    return {"method": method, "scenario": scenario, "seed": seed, "bytes_communicated": 1000 * (method != "local"),
+            "rounds": [{"round": 0, "train_loss": 2.0 - seed * 0.1, "bytes_up": 0, "bytes_down": 0, "seconds": 1.0,
+                        "train_tokens": 100}],
+            "eval": {"local": {"score": score, "per_client": per_client, "seconds": 1.0}}, "setup_seconds": 0.0}
+
+
+def test_report_aggregates_seeds_and_checks_claims(tmp_path: Path):
+    # FedDPA-F against FedIT in the single scenario: scores over three seeds chosen by hand.
+    scores = {"fedavg": [0.30, 0.32, 0.34], "feddpa-f": [0.40, 0.41, 0.42], "local": [0.2, 0.2, 0.2]}
+    for method, vals in scores.items():
+        for seed, v in enumerate(vals):
+            folder = tmp_path / "single" / method / f"seed-{seed}"
+            folder.mkdir(parents=True)
+            (folder / "metrics.json").write_text(json.dumps(_fake_metrics(method, "single", seed, v, {"a": v})))
+    text = build_report(tmp_path)
+    # fedavg: mean 0.32, s = 0.02, half width 4.302653 * 0.02 / sqrt(3) = 0.049683.
+    assert "| fedavg | 3 | 0.3200 ± 0.0497 |" in text
+    assert "| feddpa-f | 3 | 0.4100 ± 0.0248 |" in text
+    assert "| local | 3 | 0.2000 ± 0.0000 |" in text
+    # Relative to the best baseline (fedavg, 0.32): (0.41 - 0.32) / 0.32 = +28.1%.
+    assert "+28.1% (vs fedavg)" in text
+    # The P claim holds here: the gap 0.09 exceeds 0.0497 + 0.0248.
+    claim = next(line for line in text.splitlines() if line.startswith("| FedDPA-F: above FedIT on P"))
+    assert "0.4100 vs fedavg 0.3200" in claim and claim.endswith("| yes |")
+    assert (tmp_path / "figures" / "scores_single.png").stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------- the suite
+SUITE = f"""
+version = 1
+name = "test"
+seeds = [0, 1]
+
+[base.data]
+source = "feddpa"
+path = "{FLAN.as_posix()}"
+tasks = ["snli", "trec"]
+
+[base.eval]
+modes = ["local", "global"]
+
+[[scenario]]
+label = "dual"
+methods = [{{ name = "fedavg" }}, {{ name = "fedrouter", n_local = 2, n_global = 2 }}]
+[scenario.config.scenario]
+name = "dual"
+n_clients = 2
+"""
+
+
+def _png(path: Path) -> bool:
+    data = path.read_bytes()
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def _stable(report: str) -> str:
+    return report.split(WALL_TIME_HEADING)[0]
+
+
+@pytest.fixture
+def suite_file(tmp_path: Path) -> Path:
+    path = tmp_path / "suite.toml"
+    path.write_text(SUITE)
+    return path
+
+
+def test_interrupted_bench_resumes_to_the_same_report(suite_file: Path, tmp_path: Path, monkeypatch):
+    whole = tmp_path / "whole"
+    run_bench(suite_file, whole, smoke=True, log=lambda s: None)
+    expected = (whole / "report.md").read_text()
+
+    # Interrupt the second cell: the first cell's folder is complete, the second leaves nothing behind.
+    real = taskfed.run.run_experiment
+    calls = []
+
+    def interrupted(cfg, out_dir, **kw):
+        calls.append(out_dir)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(cfg, out_dir, **kw)
+
+    monkeypatch.setattr(taskfed.run, "run_experiment", interrupted)
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(suite_file, part, smoke=True, log=lambda s: None)
+    finished = sorted(p.parent.relative_to(part).as_posix() for p in part.glob("*/*/seed-*/metrics.json"))
+    assert finished == ["dual/fedavg/seed-0"] and not (part / "report.md").exists()
+    monkeypatch.setattr(taskfed.run, "run_experiment", real)
+
+    ran = []
+    run_bench(suite_file, part, smoke=True, log=ran.append)
+    assert "4 cells, 1 finished earlier, 3 to run" in ran[0]
+    resumed = (part / "report.md").read_text()
+    assert _stable(resumed) == _stable(expected)
+    assert "| fedrouter | 2 |" in resumed and "router accuracy" in resumed
+    names = {p.name for p in (part / "figures").iterdir()}
+    assert {"scores_dual.png", "heatmap_dual.png", "loss_dual.png", "bytes_dual.png",
+            "router_dual_fedrouter.png"} <= names
+    assert all(_png(part / "figures" / n) for n in names)
+    # `taskfed report` rebuilds the same report from the run folders alone.
+    (part / "report.md").unlink()
+    result = CliRunner().invoke(app, ["report", str(part)])
+    assert result.exit_code == 0, result.output
+    assert _stable((part / "report.md").read_text()) == _stable(expected)
+
+
+def test_a_changed_suite_does_not_mix_into_an_old_bench(suite_file: Path, tmp_path: Path):
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "suite.json").write_text(json.dumps({"suite": {"name": "other"}, "smoke": True, "device": None}))
+    with pytest.raises(TaskfedError, match="different suite"):
+        run_bench(suite_file, out, smoke=True, log=lambda s: None)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.replace('name = "test"', 'name = "test"\nsedes = [1]'), "unknown key 'sedes'"),
+    (lambda s: s.replace("n_global = 2", "n_globl = 2"), "scenario 'dual', method 'fedrouter': unknown key 'method.n_globl'"),
+    (lambda s: s.replace('tasks = ["snli", "trec"]', 'tasks = ["snli", "trec"]\nmax_lenght = 9'), "unknown key 'data.max_lenght'"),
+    (lambda s: s.replace('{ name = "fedavg" }', '{ name = "fedavg" }, { name = "fedavg" }'), "lists method 'fedavg' twice"),
+])
+def test_suite_errors_name_the_file_and_key(suite_file: Path, edit, message):
+    suite_file.write_text(edit(SUITE))
+    with pytest.raises(TaskfedError, match=message.replace("(", r"\(")) as err:
+        cells(load_suite(suite_file), str(suite_file))
+    assert str(suite_file) in str(err.value)
+
+
+def test_shipped_suites_validate_and_cover_the_three_papers():
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "suites"
+    for name in ("quick", "paper"):
+        grid = cells(load_suite(root / f"{name}.toml"), name)
+        methods = {c.cfg.method_name for c in grid}
+        assert {"feddpa-f", "feddpa-t", "fedrouter", "fltac", "fedavg"} <= methods
+        assert {c.seed for c in grid} == {0, 1, 2}
+        assert {c.cfg.scenario.name for c in grid} >= {"single", "dual", "dirichlet"}
+
+
+def test_bench_cli_smoke_and_device_flag(suite_file: Path, tmp_path: Path):
+    grid = cells(load_suite(suite_file), "s", smoke=True, device="cuda:0")
+    assert {(c.cfg.model.name, c.cfg.model.device, c.cfg.model.dtype) for c in grid} == {("tiny", "cuda:0", "bfloat16")}
+    result = CliRunner().invoke(app, ["bench", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "suite file does not exist" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_of_an_empty_folder_is_one_clear_error(tmp_path: Path):
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "no finished runs" in result.output
+    assert bench_report.collect(tmp_path) == []
