@@ -351,3 +351,35 @@ def test_bad_parameters_get_one_sentence():
         load_config(None, ["method.name=feddpa-t", "method.a=0"])
     with pytest.raises(TaskfedError, match="unknown key 'method.a'"):
         load_config(None, ["method.name=feddpa-f", "method.a=0.5"])  # FedDPA-F has no local step with a
+
+
+def test_per_client_references_and_the_hidden_state_cache(mixing_setup, monkeypatch):
+    rt, client, global_adapter = mixing_setup
+    client.scratch.clear()
+    monkeypatch.setitem(client.store, LOCAL, client.store[LOCAL])  # restored after the test
+    records = [Record(IN_DOMAIN, "", "upper"), Record(OUT_OF_DOMAIN, "", "count")]
+    per_input = _method(rt, global_adapter).local_weights(client, records, rt)
+    method = _method(rt, global_adapter, references="per_client")
+    shared = method.client_references(client)
+    assert len(shared) == 5 and shared == method.client_references(client)
+    assert shared != method.references(client, IN_DOMAIN) or shared != method.references(client, OUT_OF_DOMAIN)
+    per_client = method.local_weights(client, records, rt)
+    # By hand: s(x) = mean cosine of h(x) to the K shared references, h with the local adapter active.
+    texts = [r.instruction for r in records] + shared
+    rt.load_slots([client.store[LOCAL]])
+    h = torch.nn.functional.normalize(
+        rt.hidden_states([rt.prompt(t) for t in texts], RowMix.one_hot([0] * len(texts)), pool="last").double(), dim=1)
+    expected = (h[:2] @ h[2:].T).mean(dim=1).clamp(0, 1) * 0.5
+    assert torch.allclose(per_client.double(), expected, atol=1e-5)
+    assert not torch.allclose(per_client, per_input)  # other references, other weights
+
+    # Every text was embedded once: a second call (e.g. the global mode after the local one) runs no forward.
+    calls = []
+    real = rt.hidden_states
+    monkeypatch.setattr(rt, "hidden_states", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    again = method.local_weights(client, records, rt)
+    assert calls == [] and torch.equal(again, per_client)
+    # A new local adapter (another fingerprint) is embedded afresh.
+    client.store[LOCAL] = _random_adapter(rt, 5)
+    method.local_weights(client, records, rt)
+    assert len(calls) == 1 and sorted(calls[0]) == sorted(rt.prompt(t) for t in set(texts))

@@ -84,6 +84,9 @@ class Client:
     id: str
     records: list[Record]
     store: dict[str, Any] = field(default_factory=dict)
+    # Client-side caches (e.g. FedDPA's hidden states of the client's texts): recomputable, so never
+    # persisted and never sent.
+    scratch: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tasks(self) -> list[str]:

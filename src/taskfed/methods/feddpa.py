@@ -62,6 +62,9 @@ class FedDPAParams(BaseModel):
     w_max: float = Field(default=0.5, ge=0, le=1)
     w_fixed: float = Field(default=0.5, ge=0, le=1, description="the local adapter's weight under 'fixed'")
     k: int = Field(default=5, ge=1, description="training instructions drawn per test input for s(x)")
+    references: Literal["per_input", "per_client"] = Field(
+        default="per_input", description="per_input: K references drawn for each test input (paper, official "
+                                         "script); per_client: one seeded draw of K per client, shared by its inputs")
     h_text: Literal["prompt", "instruction"] = Field(
         default="prompt", description="what h(.) embeds: the templated prompt (official script) or the raw instruction")
     mean: Literal["uniform", "samples"] = Field(
@@ -117,19 +120,40 @@ class _FedDPA(Method):
         rng = np.random.default_rng(zlib.crc32(f"{self.fed.seed}/{client.id}/{instruction}".encode()))
         return [pool[i] for i in rng.choice(len(pool), min(self.params.k, len(pool)), replace=False)]
 
+    def client_references(self, client: Client) -> list[str]:
+        """references = "per_client": one seeded draw of K training instructions, shared by all the client's inputs."""
+        return self.references(client, "")
+
+    def _h(self, client: Client, texts: list[str], rt) -> dict[str, torch.Tensor]:
+        """Unit-norm h(t) per text with the client's current local adapter; computed once per (adapter, text)
+        and kept in the client's scratch (references recur across inputs, and local rows recur in global)."""
+        from taskfed.evaluation.evaluate import fingerprint
+
+        local = self._local(client)
+        cache = client.scratch.setdefault("feddpa_h", {})
+        fp = (fingerprint(local), self.params.h_text, rt.cfg.data.template)
+        # Each missing text once, sorted so that the batches do not depend on the order of the rows.
+        missing = sorted({t for t in texts if (fp, t) not in cache})
+        if missing:
+            shown = [rt.prompt(t) for t in missing] if self.params.h_text == "prompt" else missing
+            rt.load_slots([local])
+            h = rt.hidden_states(shown, RowMix.one_hot([0] * len(shown)), pool="last")  # cut from the left
+            for t, row in zip(missing, F.normalize(h.double(), dim=1)):
+                cache[(fp, t)] = row
+        return {t: cache[(fp, t)] for t in texts}
+
     def similarity(self, client: Client, records: list[Record], rt) -> torch.Tensor:
         """s(x) per row: mean cosine of h(x) to h of x's K references, clamped into [0, 1] (module doc)."""
         if not records or not client.records:
             return torch.zeros(len(records))
-        refs = [self.references(client, r.instruction) for r in records]
-        # Each distinct text is embedded once; sorted so the batches do not depend on the order of the rows.
-        texts = sorted({t for r, ref in zip(records, refs) for t in (r.instruction, *ref)})
-        shown = [rt.prompt(t) for t in texts] if self.params.h_text == "prompt" else texts
-        rt.load_slots([self._local(client)])
-        h = rt.hidden_states(shown, RowMix.one_hot([0] * len(shown)), pool="last")  # the tokenizer cuts from the left
-        h = F.normalize(h.double(), dim=1)
-        pos = {t: i for i, t in enumerate(texts)}
-        s = torch.stack([(h[[pos[t] for t in ref]] @ h[pos[r.instruction]]).mean() for r, ref in zip(records, refs)])
+        if self.params.references == "per_client":
+            shared = self.client_references(client)
+            refs = [shared] * len(records)
+        else:
+            refs = [self.references(client, r.instruction) for r in records]
+        h = self._h(client, [t for r, ref in zip(records, refs) for t in (r.instruction, *ref)], rt)
+        s = torch.stack([torch.stack([h[t] for t in ref]).matmul(h[r.instruction]).mean()
+                         for r, ref in zip(records, refs)])
         return s.clamp(0.0, 1.0).float()
 
     def local_weights(self, client: Client, records: list[Record], rt) -> torch.Tensor:
@@ -166,7 +190,8 @@ class _FedDPA(Method):
                 "w_local": [round(w, 6) for w in w_local],
             }
         p = self.params
-        return {"feddpa_weights": {"weighting": p.weighting, "w_max": p.w_max, "k": p.k, "per_client": per_client}}
+        return {"feddpa_weights": {"weighting": p.weighting, "w_max": p.w_max, "k": p.k, "references": p.references,
+                                   "per_client": per_client}}
 
 
 class FedDPAT(_FedDPA):
