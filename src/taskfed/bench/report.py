@@ -134,6 +134,16 @@ def _score_table(t: BenchTables, scenario: str) -> list[str]:
     return lines
 
 
+def _task_table(t: BenchTables, scenario: str) -> list[str]:
+    """Per task, each method's ROUGE-1 in the local mode (mean over the clients holding it, then over seeds)."""
+    mode = "local" if "local" in t.modes(scenario) else t.modes(scenario)[0]
+    tasks, methods = t.tasks(scenario, mode), t.methods(scenario)
+    lines = [f"Per task ({mode} mode):", "", "| task | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for task in tasks:
+        lines.append(f"| {task} | " + " | ".join(_fmt(t.task_score(scenario, m, mode, task)) for m in methods) + " |")
+    return lines + [""]
+
+
 def _gain_table(t: BenchTables, scenario: str) -> list[str]:
     modes = t.modes(scenario)
     lines = ["| method | " + " | ".join(f"{m} vs best baseline" for m in modes) + " |", "|---" * (len(modes) + 1) + "|"]
@@ -298,7 +308,7 @@ def build_report(folder: Path) -> str:
     for scenario in t.scenarios:
         name = next(r.scenario_name for r in runs if r.scenario == scenario)
         lines += [f"## {scenario}" + (f" (scenario '{name}')" if name != scenario else ""), ""]
-        lines += _score_table(t, scenario) + [""]
+        lines += _score_table(t, scenario) + [""] + _task_table(t, scenario)
         gains = _gain_table(t, scenario)
         if gains:
             lines += ["Relative to the best baseline (by mean):", ""] + gains + [""]
