@@ -29,7 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--eval-rows", type=int, default=5, help="test rows per task")
-    ap.add_argument("--rows", type=int, default=64, help="training rows per task")
+    ap.add_argument("--rows", type=int, default=300, help="training rows per task (300: all of FLAN dataset1)")
     args = ap.parse_args()
     cfg = load_config(None, [
         "method.name=feddpa-f", f"model.name={args.model}", "scenario.name=single", "scenario.n_clients=8",
