@@ -133,18 +133,23 @@ def smoke(cfg: RunConfig) -> RunConfig:
     return RunConfig.model_validate(raw)
 
 
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file's table; a missing file or malformed TOML is one sentence naming the file."""
+    if not path.is_file():
+        raise TaskfedError(f"{path}: {what} file does not exist.")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise TaskfedError(f"{path}: malformed TOML ({exc}).") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     raw: dict[str, Any] = {}
     source = "--set"
     if path is not None:
         path = Path(path)
         source = str(path)
-        if not path.exists():
-            raise TaskfedError(f"{path}: config file does not exist.")
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise TaskfedError(f"{path}: malformed TOML ({exc}).") from None
+        raw = read_toml(path, "config")
     return validate_config(apply_overrides(raw, overrides or []), source)
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -38,7 +37,7 @@ from typing import Any, Callable
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from taskfed.config import RunConfig, smoke as smoke_config, validate_config
+from taskfed.config import RunConfig, read_toml, smoke as smoke_config, validate_config
 from taskfed.errors import TaskfedError
 
 SUITE_VERSION = 1
@@ -89,12 +88,7 @@ def deep_merge(a: dict, b: dict) -> dict:
 
 
 def load_suite(path: Path) -> Suite:
-    if not path.is_file():
-        raise TaskfedError(f"{path}: suite file does not exist.")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise TaskfedError(f"{path}: malformed TOML ({exc}).") from None
+    raw = read_toml(path, "suite")
     try:
         return Suite.model_validate(raw)
     except ValidationError as exc:
