@@ -97,6 +97,11 @@ def report(folder: Path = typer.Argument(..., help="A bench folder.")) -> None:
     console.print(f"[green]done[/green] {path}")
 
 
+from taskfed.flower.cli import app as flower_app  # noqa: E402  (imports flwr only when a command runs)
+
+app.add_typer(flower_app, name="flower", help="Run a method on Flower (simulation or SuperLink + SuperNodes).")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -1,0 +1,56 @@
+"""`taskfed flower ...`: a Typer sub-app (mounted by the main CLI with `app.add_typer(flower_app, name="flower")`).
+
+    taskfed flower simulate CONFIG --out DIR [--set key=value ...] [--smoke] [--workers N]
+    taskfed flower certs DIR            throwaway CA + server certificate for 127.0.0.1/localhost
+    taskfed flower node-key DIR NAME    a SuperNode's EC key pair (OpenSSH format) for authentication
+"""
+
+from __future__ import annotations
+
+import taskfed.flower  # noqa: F401  (telemetry off before flwr is imported)
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from taskfed.errors import TaskfedError
+
+app = typer.Typer(help="Run taskfed methods on Flower (docs/flower.md).", no_args_is_help=True)
+
+
+@app.command()
+def simulate(config: Path, out: Path = typer.Option(..., help="run folder to write"),
+             set_: Optional[list[str]] = typer.Option(None, "--set", help="key=value overrides"),
+             smoke_run: bool = typer.Option(False, "--smoke", help="tiny model, minimal budget"),
+             workers: Optional[int] = typer.Option(None, help="Ray workers (default: CPUs, at most one per client)")):
+    """Run CONFIG on Flower's Simulation Engine, one SuperNode per client."""
+    from taskfed.config import load_config, smoke
+    from taskfed.flower.simulation import simulate as run
+
+    try:
+        cfg = load_config(config, set_ or [])
+        metrics = run(smoke(cfg) if smoke_run else cfg, out, workers=workers)
+    except TaskfedError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    last = metrics["rounds"][-1]
+    typer.echo(f"{len(metrics['rounds'])} rounds on Flower, last loss {last['train_loss']:.4f}; run folder {out}")
+
+
+@app.command()
+def certs(folder: Path):
+    """Write a throwaway CA and a server certificate for 127.0.0.1/localhost (ca.crt, server.pem, server.key)."""
+    from taskfed.flower.local import make_tls
+
+    for name, path in make_tls(folder).items():
+        typer.echo(f"{name}: {path}")
+
+
+@app.command("node-key")
+def node_key(folder: Path, name: str):
+    """Write a SuperNode key pair: NAME (private, for --auth-supernode-private-key) and NAME.pub (to register)."""
+    from taskfed.flower.local import make_node_key
+
+    private, public = make_node_key(folder, name)
+    typer.echo(f"private: {private}\npublic: {public}")

@@ -1,0 +1,222 @@
+"""A SuperLink and N SuperNodes on 127.0.0.1, with TLS and SuperNode authentication, for tests, benchmarks
+and a first try of the Deployment Engine (docs/flower.md walks through the same steps by hand).
+
+Every process is started in its own session and stopped by its PID (its process group: the SuperLink's
+ServerApp and the SuperNodes' ClientApp children go with it), SIGTERM first, SIGKILL after a timeout.
+The certificates are throwaway: a fresh CA per federation, a server certificate for 127.0.0.1/localhost.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from taskfed.errors import TaskfedError
+
+BIN = Path(sys.executable).parent
+
+
+# ----------------------------------------------------------------------------- TLS and keys
+def make_tls(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> dict[str, Path]:
+    """A throwaway CA and a server certificate for `hosts`, as PEM files: ca.crt, server.pem, server.key."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject: str, key, issuer: str, issuer_key, ca: bool, sans: list | None = None):
+        b = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if ca:
+            b = b.add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
+        else:
+            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    ca = cert("taskfed throwaway CA", ca_key, "taskfed throwaway CA", ca_key, True)
+    sans = [x509.IPAddress(ipaddress.ip_address(h)) if h.replace(".", "").isdigit() else x509.DNSName(h) for h in hosts]
+    server = cert(hosts[0], server_key, "taskfed throwaway CA", ca_key, False, sans)
+    paths = {"ca": folder / "ca.crt", "cert": folder / "server.pem", "key": folder / "server.key"}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()))
+    paths["key"].chmod(0o600)
+    return paths
+
+
+def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
+    """A SuperNode's EC P-384 key pair in OpenSSH format (what flower-supernode and `flwr supernode register` read)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()))
+    private.chmod(0o600)
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return private, public
+
+
+# ----------------------------------------------------------------------------- processes
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0", **extra)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # flwr's own children (superexec, clientapp)
+    return env
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM to the process's group (it was started in its own session), SIGKILL if still there."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@dataclass
+class LocalFederation:
+    """`with LocalFederation(workdir, node_configs) as fed: fed.run(app_dir, run_config)`."""
+
+    workdir: Path
+    node_configs: list[dict[str, Any]]
+    auth: bool = True  # SuperNode authentication: only registered public keys may connect
+    startup_timeout: float = 120.0
+    env_extra: dict[str, str] = field(default_factory=dict)  # e.g. OMP_NUM_THREADS, TASKFED_CACHE for the nodes
+    port: int = field(default_factory=free_port)
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.workdir / "logs" / f"{name}.log", "wb")
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
+                                start_new_session=True)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.workdir, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def __enter__(self) -> "LocalFederation":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "logs").mkdir(exist_ok=True)
+        home = self.workdir / "flwr-home"
+        home.mkdir(exist_ok=True)
+        self.env = flower_env(home, **self.env_extra)
+        try:
+            self.tls = make_tls(self.workdir / "tls")
+            # The CLI's connection to this SuperLink (Control API), verified against the throwaway CA.
+            (home / "config.toml").write_text(
+                f'[superlink]\ndefault = "local-tls"\n\n[superlink.local-tls]\naddress = "{self.address}"\n'
+                f'root-certificates = "{self.tls["ca"]}"\n')
+            link = [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(self.tls["ca"]), "--ssl-certfile",
+                    str(self.tls["cert"]), "--ssl-keyfile", str(self.tls["key"]), "--host", "127.0.0.1",
+                    "--port", str(self.port), "--disable-runtime-dependency-installation"]
+            self.superlink = self._start("superlink", link + (["--enable-supernode-auth"] if self.auth else []))
+            self._wait_port()
+            keys = [make_node_key(self.workdir / "keys", f"node{i}") for i in range(len(self.node_configs))]
+            if self.auth:
+                for _, public in keys:
+                    self._register(public)
+            for i, (nc, (private, _)) in enumerate(zip(self.node_configs, keys)):
+                config = " ".join(f"{k}={json.dumps(v)}" for k, v in nc.items())
+                self._start(f"supernode{i}", [
+                    str(BIN / "flower-supernode"), "--superlink", self.address, "--root-certificates", str(self.tls["ca"]),
+                    "--auth-supernode-private-key", str(private), "--node-config", config,
+                    "--host", "127.0.0.1", "--port", str(free_port())])
+            return self
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc) -> None:
+        for proc in reversed(self.procs):  # nodes first, the SuperLink last
+            stop(proc)
+
+    def _wait_port(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.superlink.poll() is not None:
+                raise TaskfedError(f"flower-superlink exited at start (see {self.workdir / 'logs' / 'superlink.log'}).")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise TaskfedError(f"flower-superlink did not listen on {self.address} within {self.startup_timeout:g} s.")
+
+    def _register(self, public: Path) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            done = self.flwr("supernode", "register", str(public), "local-tls")
+            if done.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise TaskfedError(f"flwr supernode register failed: {(done.stdout + done.stderr).strip()[-300:]}")
+            time.sleep(0.5)
+
+    def run(self, app_dir: Path, run_config: dict[str, Any], done: Path, timeout: float = 600.0) -> str:
+        """Submits the app (`flwr run`) and waits until `done` exists (the ServerApp's last write); the run id."""
+        overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+        started = self.flwr("run", str(app_dir), "local-tls", "--run-config", overrides, "--format", "json")
+        if started.returncode != 0:
+            raise TaskfedError(f"flwr run failed: {(started.stdout + started.stderr).strip()[-500:]}")
+        run_id = str(json.loads(started.stdout[started.stdout.index("{"):]).get("run-id"))
+        deadline = time.monotonic() + timeout
+        while not done.exists():
+            status = self._status(run_id)
+            if status.startswith("finished") and not done.exists():
+                raise TaskfedError(f"flower run {run_id} ended as {status} without writing {done} "
+                                   f"(logs: flwr log {run_id}, {self.workdir / 'logs'}).")
+            if time.monotonic() > deadline:
+                raise TaskfedError(f"flower run {run_id} did not finish within {timeout:g} s (status {status}).")
+            time.sleep(1.0)
+        return run_id
+
+    def _status(self, run_id: str) -> str:
+        out = self.flwr("ls", "local-tls", "--run-id", run_id, "--format", "json", timeout=60)
+        try:
+            runs = json.loads(out.stdout[out.stdout.index("{"):]).get("runs", [])
+            return str(runs[0].get("status", "")) if runs else ""
+        except (ValueError, IndexError):
+            return ""

@@ -1,0 +1,211 @@
+"""The Flower layer: payload checks, the node's store, and runs on Flower's Simulation Engine that must give
+the in-process engine's adapters bit for bit (FedAvg, FedRouter), and a round where nodes send NaN or
+mis-shaped weights: they are dropped with a reason and the others aggregate.
+
+The three simulated runs share one Simulation Engine start (Ray takes most of a run's time here): one
+ServerApp runs them one after the other over the same three SuperNodes, each a complete `serve`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from tests.conftest import tiny_config
+from taskfed.errors import TaskfedError
+from taskfed.flower import node
+from taskfed.flower.codec import (check_results, decode_adapter, decode_config, decode_jobs, encode_adapter,
+                                  encode_config, encode_jobs)
+from taskfed.flower.server import Options, serve
+from taskfed.flower.store import load_store, save_store
+from taskfed.methods.base import Job, LocalRef, label_rows, task_rows
+from taskfed.model.peft_io import load_adapter
+from taskfed.run import Experiment
+
+TASKS = '["definite_pronoun_resolution","snli","cola"]'
+SHAPES = {"m.lora_A": (2, 3), "m.lora_B": (3, 2)}
+NAN_SEED = 5  # the run in which the wrapped client app corrupts uploads
+
+
+def adapter(value: float) -> dict[str, torch.Tensor]:
+    return {k: torch.full(s, float(value)) for k, s in SHAPES.items()}
+
+
+def config(method: str, *extra: str):
+    more = ["method.n_global=2"] if method == "fedrouter" else []
+    return tiny_config(f"method.name={method}", "scenario.n_clients=3", f"data.tasks={TASKS}", *more, *extra)
+
+
+# ----------------------------------------------------------------------------- payloads
+def test_adapter_round_trip_and_refusals():
+    w = adapter(0.5)
+    back = decode_adapter(encode_adapter(w), SHAPES, "test")
+    assert all(torch.equal(back[k], w[k]) for k in w)
+    bf16 = {k: v.to(torch.bfloat16) for k, v in w.items()}  # cast up to float32 for the wire
+    assert decode_adapter(encode_adapter(bf16), SHAPES, "test")["m.lora_A"].dtype == torch.float32
+    bad = dict(w, **{"m.lora_A": torch.full((2, 3), float("nan"))})
+    with pytest.raises(TaskfedError, match="NaN"):
+        decode_adapter(encode_adapter(bad), SHAPES, "upload of client 1")
+    with pytest.raises(TaskfedError, match="shape"):
+        decode_adapter(encode_adapter(dict(w, **{"m.lora_B": torch.zeros(2, 3)})), SHAPES, "x")
+    with pytest.raises(TaskfedError, match="lacks"):
+        decode_adapter(encode_adapter({"m.lora_A": w["m.lora_A"]}), SHAPES, "x")
+    f64 = ArrayRecord({k: Array(v.double().numpy()) for k, v in w.items()})
+    with pytest.raises(TaskfedError, match="float64, expected float32"):
+        decode_adapter(f64, SHAPES, "x")
+    with pytest.raises(TaskfedError, match="array record"):
+        decode_adapter(None, SHAPES, "x")
+
+
+def test_config_and_jobs_round_trip():
+    cfg = config("fedrouter", "train.steps=3")
+    assert decode_config(encode_config(cfg)) == cfg
+    a, b = adapter(1.0), adapter(2.0)
+    jobs = [Job(client="1", adapter="global", init=a, rows=task_rows("snli"), prox_mu=0.1),
+            Job(client="1", adapter="local", init=LocalRef("feddpa_local", a), scale=0.5, frozen=[(b, 0.5)],
+                keep_as="feddpa_local", upload=False, steps=4, lr=1e-3),
+            Job(client="1", adapter="cluster/1/local/0", init=a, rows=label_rows("labels", 1), candidates=[a, b])]
+    content = encode_jobs(jobs, 3, cfg)
+    assert len(content.array_records) == 2  # each distinct adapter once
+    r, back = decode_jobs(content, SHAPES)
+    assert r == 3
+    for got, want in zip(back, jobs):
+        for name in ("client", "adapter", "rows", "steps", "batch", "lr", "prox_mu", "scale", "keep_as", "upload"):
+            assert getattr(got, name) == getattr(want, name), name
+    assert isinstance(back[1].init, LocalRef) and back[1].init.name == "feddpa_local"
+    assert torch.equal(back[1].frozen[0][0]["m.lora_A"], b["m.lora_A"]) and back[1].frozen[0][1] == 0.5
+    assert [torch.equal(c["m.lora_B"], w["m.lora_B"]) for c, w in zip(back[2].candidates, [a, b])] == [True, True]
+
+
+def test_results_checks():
+    jobs = [Job(client="1", adapter="global", init=adapter(0))]
+    good = {"job": [0], "n_rows": [5], "n_client": [9], "loss": [1.5], "chosen": [-1], "uploaded": [True]}
+    assert check_results(ConfigRecord(good), jobs, "x")[0]["n_rows"] == 5
+    for change, message in [({"job": [3]}, "unknown or repeated"), ({"n_rows": [0]}, "rows"),
+                            ({"uploaded": [False]}, "against its plan"), ({"loss": ["1"]}, "not a list of float"),
+                            ({"n_client": [9, 9]}, "entries")]:
+        with pytest.raises(TaskfedError, match=message):
+            check_results(ConfigRecord({**good, **change}), jobs, "x")
+
+
+def test_store_on_disk(tmp_path):
+    store = {"feddpa_local": adapter(0.25), "labels": np.array([0, 1, 1]), "centroids": np.eye(2),
+             "fltac_tasks": ["snli", "cola"]}
+    save_store(store, tmp_path / "s")
+    save_store(store, tmp_path / "s")  # replaces the previous one whole
+    back = load_store(tmp_path / "s")
+    assert torch.equal(back["feddpa_local"]["m.lora_A"], store["feddpa_local"]["m.lora_A"])
+    assert np.array_equal(back["labels"], store["labels"]) and back["centroids"].dtype == np.float64
+    assert back["fltac_tasks"] == ["snli", "cola"]
+    assert load_store(tmp_path / "none") == {}
+    with pytest.raises(TaskfedError, match="cannot be kept on disk"):
+        save_store({"x": object()}, tmp_path / "t")
+
+
+# ----------------------------------------------------------------------------- Simulation Engine
+def corrupting_client_app() -> ClientApp:
+    """taskfed's ClientApp, except in the NAN_SEED run: client 1 uploads NaN every round, and client 2 a
+    transposed tensor in round 1 (index 1)."""
+    app = ClientApp()
+
+    @app.train("setup")
+    def setup(msg: Message, context: Context) -> Message:
+        return node.setup(msg, context)
+
+    @app.train("round")
+    def train(msg: Message, context: Context) -> Message:
+        reply = node.train(msg, context)
+        cfg = decode_config(msg.content.config_records["config"])
+        pid, r = context.node_config["partition-id"], int(msg.content.config_records["round"]["round"])
+        if cfg.seed == NAN_SEED:
+            for record in reply.content.array_records.values():
+                key = sorted(record)[0]
+                value = record[key].numpy()
+                if pid == 1:
+                    record[key] = Array(np.full_like(value, np.nan))
+                elif pid == 2 and r == 1:
+                    record[key] = Array(np.ascontiguousarray(value.T))
+        return reply
+
+    return app
+
+
+def in_process(cfg, drop=lambda r, client: False):
+    """The in-process run's server adapters; `drop` leaves uploads out of aggregation (the reference for
+    the bad-node run: what the others alone aggregate to)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the simulation's workers run one thread each: same float sums
+    try:
+        ex = Experiment(cfg)
+        aggregate = ex.method.aggregate
+        ex.method.aggregate = lambda r, results: aggregate(r, [x for x in results if not drop(r, x.job.client)])
+        ex.train()
+        return ex.method.server_adapters()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    from flwr.simulation import run_simulation
+
+    root = tmp_path_factory.mktemp("flower-sim")
+    runs = {"fedavg": config("fedavg"), "fedrouter": config("fedrouter"),
+            "bad": config("fedavg", f"seed={NAN_SEED}")}
+    metrics = {}
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        for name, cfg in runs.items():
+            metrics[name] = serve(grid, cfg, Options(out_dir=root / name, round_timeout=300))
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TASKFED_CACHE", str(root / "cache"))  # the nodes' stores (Ray workers inherit the env)
+    mp.setenv("OMP_NUM_THREADS", "1")  # one thread per worker, as `in_process` below
+    try:
+        run_simulation(server_app=app, client_app=corrupting_client_app(), num_supernodes=3,
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                       "init_args": {"num_cpus": 1, "include_dashboard": False}})
+    finally:
+        mp.undo()
+    assert set(metrics) == set(runs), "the ServerApp did not finish every run (see the log)"
+    return root, runs, metrics
+
+
+def saved(folder, name):
+    return load_adapter(folder / "adapters" / "server" / name.replace("/", "_"))
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedrouter"])
+def test_simulation_equals_in_process(simulated, method):
+    root, runs, metrics = simulated
+    want = in_process(runs[method])
+    assert len(want) == (1 if method == "fedavg" else 2)
+    for name, weights in want.items():
+        got = saved(root / method, name)
+        assert all(torch.equal(got[k], weights[k]) for k in weights), f"{method} {name} differs from in-process"
+    assert [r["round"] for r in metrics[method]["rounds"]] == [0, 1]
+    assert all("dropped" not in r for r in metrics[method]["rounds"])
+    assert all(r["node_load_seconds"] < 1.0 for r in metrics[method]["rounds"])  # runtime cached per worker
+    # FedRouter's client state stayed on the nodes' disks: labels and centroids of every client.
+    if method == "fedrouter":
+        stores = (root / "cache" / "flower" / "state").glob("run-*/*/store.json")
+        held = sorted(p.parent.name for p in stores if "fedrouter_labels" in p.read_text())
+        assert held == ["0", "1", "2"]
+
+
+def test_bad_nodes_are_dropped_and_the_others_aggregate(simulated):
+    root, runs, metrics = simulated
+    rounds = metrics["bad"]["rounds"]
+    assert set(rounds[0]["dropped"]) == {"1"} and "NaN" in rounds[0]["dropped"]["1"]
+    assert set(rounds[1]["dropped"]) == {"1", "2"} and "shape" in rounds[1]["dropped"]["2"]
+    want = in_process(runs["bad"], drop=lambda r, c: c == "1" or (c == "2" and r == 1))
+    got = saved(root / "bad", "global")
+    assert all(torch.equal(got[k], want["global"][k]) for k in got)
+    clean = in_process(runs["bad"])  # with every upload the result differs: the drop mattered
+    assert not all(torch.equal(got[k], clean["global"][k]) for k in got)
