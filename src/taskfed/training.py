@@ -65,14 +65,55 @@ def collate(rows: list[Encoded], pad_id: int, device) -> tuple[torch.Tensor, tor
     return ids.to(device), mask.to(device), labels.to(device)
 
 
+class _VocabCE(torch.autograd.Function):
+    """Per-token cross-entropy of hidden states projected onto the vocabulary, a chunk of positions at a
+    time. Forward works out each chunk's d loss / d hidden (softmax - one-hot, times the projection) and
+    drops its logits, so the graph keeps an N x d tensor, never N x V logits (vocabularies are 50-250 k
+    wide: at 128 x 512 rows the fp32 logits alone are tens of GB). Backward scales the kept gradient by
+    each token's upstream weight, which is exact because a token's loss depends only on its own hidden."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, chunk: int, need_grad: bool):
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_grad else None
+        for s in range(0, hidden.shape[0], chunk):
+            logits = F.linear(hidden[s:s + chunk], weight, bias).float()  # same casts as lm_head(h).float()
+            t = target[s:s + chunk]
+            lse = torch.logsumexp(logits, dim=-1)
+            losses[s:s + chunk] = lse - logits.gather(1, t.unsqueeze(1)).squeeze(1)
+            if need_grad:
+                probs = logits.sub_(lse.unsqueeze(1)).exp_()  # in place: one N x V buffer per chunk
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                grad[s:s + chunk] = probs.to(weight.dtype) @ weight
+        if need_grad:
+            ctx.save_for_backward(grad)
+        ctx.hidden_dtype = hidden.dtype
+        return losses
+
+    @staticmethod
+    def backward(ctx, upstream):
+        (grad,) = ctx.saved_tensors
+        return (upstream.unsqueeze(1) * grad).to(ctx.hidden_dtype), None, None, None, None, None
+
+
+def token_losses(hidden: torch.Tensor, head: torch.nn.Module, target: torch.Tensor, chunk_elems: int = 1 << 26) -> torch.Tensor:
+    """F.cross_entropy(head(hidden).float(), target, reduction="none") for an N x d hidden, in chunks of at
+    most `chunk_elems` logits. A trainable head (its weight needs a gradient) takes the plain path."""
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return F.cross_entropy(head(hidden).float(), target, reduction="none")
+    chunk = max(1, chunk_elems // weight.shape[0])
+    need_grad = torch.is_grad_enabled() and hidden.requires_grad
+    return _VocabCE.apply(hidden, weight, bias, target, chunk, need_grad)
+
+
 def row_losses(rt: Runtime, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row sum of token losses and token counts, projecting only response positions onto the vocabulary
-    (no full fp32 logits for every position: prompts are most of the tokens)."""
-    hidden = rt.decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    """Per-row sum of token losses and token counts. Only response positions are projected onto the
+    vocabulary (prompts are most of the tokens), and those in chunks (see `_VocabCE`)."""
+    hidden = rt.decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     target = labels[:, 1:]
     sel = target != IGNORE
-    logits = rt.model.get_output_embeddings()(hidden[:, :-1][sel]).float()
-    token_loss = F.cross_entropy(logits, target[sel], reduction="none")
+    token_loss = token_losses(hidden[:, :-1][sel], rt.model.get_output_embeddings(), target[sel])
     row_of = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(target)[sel]
     sums = torch.zeros(ids.shape[0], device=ids.device, dtype=token_loss.dtype).index_add(0, row_of, token_loss)
     counts = sel.sum(1)
@@ -85,6 +126,13 @@ def _prox(rt: Runtime, slot: int, ref: AdapterWeights) -> torch.Tensor:
         total = total + (layer.lora_A[slot] - ref[f"{name}.lora_A"].to(layer.lora_A)).pow(2).sum()
         total = total + (layer.lora_B[slot] - ref[f"{name}.lora_B"].to(layer.lora_B)).pow(2).sum()
     return total
+
+
+def make_optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """AdamW over the bank's stacked tensors. Elementwise, so each slot's moments and update depend on
+    that slot's gradient alone: one optimizer here is one optimizer per adapter. Anything that couples
+    elements (gradient-norm clipping, weight decay on untouched slots, Adafactor) would break that."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
 @dataclass
@@ -111,10 +159,13 @@ def train_pack(rt: Runtime, specs: list[TrainSpec], times: PackTimes | None = No
     rt.load_slots([s.init for s in specs] + frozen_list)
     bank = rt.bank
     bank.set_trainable(True)
-    optimizer = torch.optim.AdamW(bank.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = make_optimizer(bank.parameters(), lr)
     orders = [sample_order(len(s.rows), s.steps * s.batch, s.seed) for s in specs]
     losses = [[] for _ in specs]
     pad_id = rt.tokenizer.pad_token_id
+    like = bank.parameters()[0]  # proximal references moved to the device once, not at every step
+    prox_refs = {j: {k: v.to(like.device, like.dtype) for k, v in s.prox_ref.items()}
+                 for j, s in enumerate(specs) if s.prox_mu > 0 and s.prox_ref is not None}
     try:
         rt.model.train()
         for step in range(steps):
@@ -138,17 +189,19 @@ def train_pack(rt: Runtime, specs: list[TrainSpec], times: PackTimes | None = No
             with bank.mixing(mix):
                 sums, counts = row_losses(rt, ids, mask, labels)
             owner_t = torch.tensor(owner, device=sums.device)
-            total = 0.0
+            total, step_losses = 0.0, []
             for j, s in enumerate(specs):
                 sel = owner_t == j
                 job_loss = sums[sel].sum() / counts[sel].sum().clamp(min=1)
-                losses[j].append(float(job_loss.detach()))
+                step_losses.append(job_loss.detach())
                 total = total + job_loss
-                if s.prox_mu > 0 and s.prox_ref is not None:
-                    total = total + 0.5 * s.prox_mu * _prox(rt, j, s.prox_ref)
+                if j in prox_refs:
+                    total = total + 0.5 * s.prox_mu * _prox(rt, j, prox_refs[j])
             optimizer.zero_grad(set_to_none=False)
             total.backward()
             optimizer.step()
+            for j, value in enumerate(torch.stack(step_losses).tolist()):  # one device sync per step, not per job
+                losses[j].append(value)
             if times is not None:
                 times.compute += time.perf_counter() - tic
                 times.tokens += int(mask.sum())

@@ -1,12 +1,27 @@
-"""Batched greedy generation on the adapter bank: left padding, KV cache, per-row adapter mix."""
+"""Batched greedy generation on the adapter bank: per-row adapter mix, rows bucketed by prompt length.
+
+Two decoders, one per kind of device, both giving the tokens of plain greedy `model.generate`:
+- CUDA: `generate` with a static KV cache, which transformers compiles (CUDA graphs) for the decoding
+  steps; widths are rounded to a multiple of `CUDA_WIDTH_STEP` so that few shapes ever get compiled, and
+  a batch is kept whole (a GPU step costs the same at 16 rows or 64: splitting would only add steps).
+- CPU: a plain loop on a dynamic cache that drops finished rows (their cache, their mix) at each step, so
+  a step costs what the unfinished rows cost; compute-bound, the CPU has no use for the static cache or
+  graphs (measured in docs/throughput.md). Rows are split into buckets of similar prompt length, which
+  cuts the padding the prompt pass computes.
+Generation stops at `max_new_tokens` (the caller's longest expected answer) or when every row has ended.
+"""
 
 from __future__ import annotations
 
 import torch
-from transformers import GenerationConfig
+from transformers import DynamicCache, GenerationConfig
 
 from taskfed.model.bank import RowMix
 from taskfed.runtime import Runtime
+
+CUDA_WIDTH_STEP = 64  # prompt widths on CUDA are rounded up to this: one compiled shape per bucket
+MIN_BUCKET = 8  # a CPU bucket is split off only when it keeps at least this many rows
+MAX_PAD_SHARE = 0.25  # ... and when joining it would make padding more than this share of its tokens
 
 
 def prompt_ids(rt: Runtime, instruction: str, max_new_tokens: int) -> list[int]:
@@ -16,23 +31,131 @@ def prompt_ids(rt: Runtime, instruction: str, max_new_tokens: int) -> list[int]:
     return ids[-keep:]
 
 
-@torch.no_grad()
-def generate(rt: Runtime, prompts: list[list[int]], mix: RowMix, max_new_tokens: int) -> tuple[list[str], int]:
-    """Greedy continuations of tokenised prompts, row i under mix row i (adapters already in their slots).
-    Returns the texts and the number of tokens generated (up to and including each row's EOS)."""
-    tok = rt.tokenizer
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
+def length_buckets(lengths: list[int], min_rows: int = MIN_BUCKET, max_pad: float = MAX_PAD_SHARE) -> list[list[int]]:
+    """Row indices grouped by prompt length (shortest first): a group closes when adding the next row
+    would make more than `max_pad` of its padded tokens padding, if it already holds `min_rows` rows."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        if len(current) >= min_rows:
+            real = sum(lengths[j] for j in current) + lengths[i]
+            if 1 - real / (lengths[i] * (len(current) + 1)) > max_pad:
+                buckets.append(current)
+                current = []
+        current.append(i)
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left padding: every row's next token sits at the same position."""
+    width = width or max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):  # left padding: every row's next token sits at the same position
+    for i, p in enumerate(prompts):
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return ids, mask
+
+
+def _config(rt: Runtime, max_new_tokens: int, **kw) -> GenerationConfig:
+    tok = rt.tokenizer
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)
+
+
+def _trim(new: torch.Tensor, eos: int) -> list[list[int]]:
+    """Each row's tokens up to and including its first EOS."""
+    out = []
+    for row in new.tolist():
+        out.append(row[: row.index(eos) + 1] if eos in row else row)
+    return out
+
+
+@torch.no_grad()
+def plain_generate(rt: Runtime, prompts: list[list[int]], mix: RowMix, max_new_tokens: int, **kw) -> list[list[int]]:
+    """transformers' greedy `generate` on the whole batch (the reference; `kw` go to GenerationConfig)."""
+    ids, mask = left_pad(prompts, rt.tokenizer.pad_token_id)
+    with rt.bank.mixing(mix):
+        out = rt.model.generate(input_ids=ids.to(rt.device), attention_mask=mask.to(rt.device),
+                                generation_config=_config(rt, max_new_tokens, **kw))
+    return _trim(out[:, ids.shape[1]:].cpu(), rt.tokenizer.eos_token_id)
+
+
+@torch.no_grad()
+def static_generate(rt: Runtime, prompts: list[list[int]], mix: RowMix, max_new_tokens: int) -> list[list[int]]:
+    """The CUDA decoder: static KV cache (compiled decoding steps on CUDA), width rounded to a bucket.
+    Extra left padding changes no token: padded positions are masked and position ids start at each
+    row's first real token."""
+    step = CUDA_WIDTH_STEP
+    width = -(-max(len(p) for p in prompts) // step) * step
+    ids, mask = left_pad(prompts, rt.tokenizer.pad_token_id, width)
+    # One cache length for every call of a run (prompt + answer never exceed data.max_length): each new
+    # cache then has the shapes the compiled step was built for, whatever the batch's budget.
+    cache_len = -(-max(rt.cfg.data.max_length, width + max_new_tokens) // step) * step + step
+    config = _config(rt, max_new_tokens, cache_implementation="static", max_cache_len=cache_len)
     with rt.bank.mixing(mix):
         out = rt.model.generate(input_ids=ids.to(rt.device), attention_mask=mask.to(rt.device),
                                 generation_config=config)
-    new = out[:, width:]
-    ended = (new == tok.eos_token_id).int().cumsum(1)
-    n_tokens = int(((ended == 0) | ((ended == 1) & (new == tok.eos_token_id))).sum())
-    return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)], n_tokens
+    return _trim(out[:, width:].cpu(), rt.tokenizer.eos_token_id)
+
+
+@torch.no_grad()
+def shrinking_generate(rt: Runtime, prompts: list[list[int]], mix: RowMix, max_new_tokens: int) -> list[list[int]]:
+    """The CPU decoder: greedy steps on a dynamic cache; a row that emits EOS leaves the batch."""
+    eos, model, dev = rt.tokenizer.eos_token_id, rt.model, rt.device
+    ids, mask = left_pad(prompts, rt.tokenizer.pad_token_id)
+    ids, mask = ids.to(dev), mask.to(dev)
+    # Position ids as transformers' generate makes them: counted from each row's first real token.
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    cache = DynamicCache(config=model.config)
+    out: list[list[int]] = [[] for _ in prompts]
+    live = list(range(len(prompts)))
+    with rt.bank.mixing(mix):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits
+    last = positions[:, -1:]
+    for step in range(max_new_tokens):
+        nxt = logits[:, -1].float().argmax(-1)
+        tokens = nxt.tolist()
+        for row, t in zip(live, tokens):
+            out[row].append(t)
+        if step == max_new_tokens - 1:
+            break
+        keep = [i for i, t in enumerate(tokens) if t != eos]
+        if not keep:
+            break
+        if len(keep) < len(live):  # finished rows leave: their cache, mask and mix with them
+            sel = torch.tensor(keep, device=dev)
+            cache.batch_select_indices(sel)
+            nxt, mask, last = nxt[sel], mask[sel], last[sel]
+            mix = mix.select(torch.tensor(keep))
+            live = [live[i] for i in keep]
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+        last = last + 1
+        with rt.bank.mixing(mix):
+            logits = model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=last,
+                           past_key_values=cache, use_cache=True).logits
+    return out
+
+
+def fast_generate(rt: Runtime, prompts: list[list[int]], mix: RowMix, max_new_tokens: int) -> list[list[int]]:
+    """Each row's new tokens (through its EOS), in input order, by the decoder that suits the device."""
+    if rt.device.type == "cuda":
+        return static_generate(rt, prompts, mix, max_new_tokens)
+    out: list[list[int]] = [[] for _ in prompts]
+    for rows in length_buckets([len(p) for p in prompts]):
+        for row, tokens in zip(rows, shrinking_generate(rt, [prompts[i] for i in rows], mix.select(torch.tensor(rows)),
+                                                         max_new_tokens)):
+            out[row] = tokens
+    return out
+
+
+def generate(rt: Runtime, prompts: list[list[int]], mix: RowMix, max_new_tokens: int) -> tuple[list[str], int]:
+    """Greedy continuations of tokenised prompts, row i under mix row i (adapters already in their slots).
+    Returns the texts and the number of tokens generated (up to and including each row's EOS)."""
+    new = fast_generate(rt, prompts, mix, max_new_tokens)
+    texts = rt.tokenizer.batch_decode(new, skip_special_tokens=True)
+    return [t.strip() for t in texts], sum(len(t) for t in new)

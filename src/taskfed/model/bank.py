@@ -80,7 +80,7 @@ class BankLinear(nn.Module):
         for k in range(mix.idx.shape[1]):
             A = self.lora_A[mix.idx[:, k]]  # batch x r x d_in
             B = self.lora_B[mix.idx[:, k]]  # batch x d_out x r
-            if mix.detached is not None and bool(mix.detached[:, k].any()):
+            if self._bank[0].detached_terms[k]:  # flags read on the host once per mix: no device sync here
                 keep = mix.detached[:, k].view(-1, 1, 1)
                 A = torch.where(keep, A.detach(), A)
                 B = torch.where(keep, B.detach(), B)
@@ -101,6 +101,7 @@ class AdapterBank:
         self.dtype = dtype
         self.target_modules = list(target_modules)
         self.mix: RowMix | None = None
+        self.detached_terms: tuple[bool, ...] = ()  # per term k of the mix: does any row detach it
         for p in model.parameters():
             p.requires_grad_(False)
         self.layers: dict[str, BankLinear] = {}
@@ -164,11 +165,15 @@ class AdapterBank:
     def mixing(self, mix: RowMix | None) -> Iterator[None]:
         """Within the block every forward pass uses `mix` (None: the bare base model)."""
         device = next(iter(self.layers.values())).lora_A.device
+        detached: tuple[bool, ...] = ()
         if mix is not None:
+            k = mix.idx.shape[1]
+            detached = (False,) * k if mix.detached is None else tuple(bool(c) for c in mix.detached.any(0).tolist())
             mix = RowMix(mix.idx.to(device), mix.w.to(device),
                          None if mix.detached is None else mix.detached.to(device))
-        previous, self.mix = self.mix, mix
+        previous = self.mix, self.detached_terms
+        self.mix, self.detached_terms = mix, detached
         try:
             yield
         finally:
-            self.mix = previous
+            self.mix, self.detached_terms = previous
