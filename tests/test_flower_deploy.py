@@ -10,7 +10,6 @@ torch and transformers, for every message.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import tomli_w
 import torch
 
 from tests.conftest import tiny_config
-from taskfed.flower.local import LocalFederation
+from taskfed.flower.local import LocalFederation, _alive, _descendants
 from taskfed.model.peft_io import load_adapter
 from taskfed.run import Experiment, _plain
 
@@ -38,8 +37,10 @@ def test_superlink_and_three_supernodes_with_tls_and_auth(tmp_path):
         fed.run(ROOT, {"config": str(tmp_path / "run.toml"), "out": str(tmp_path / "out")},
                 tmp_path / "out" / "metrics.json", timeout=420)
         pids = [p.pid for p in fed.procs]
+        pids += [d for pid in pids for d in _descendants(pid)]  # flwr's own children (superexec, apps)
+    assert len(pids) > len(fed.procs)  # the SuperLink runs a superexec of its own
     assert all(p.poll() is not None for p in fed.procs)  # every process we started is gone
-    assert all(not _alive(pid) for pid in pids)
+    assert all(not _alive(pid) for pid in pids), "a Flower process outlived the federation"
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["engine"] == "flower" and sorted(metrics["clients"]) == ["0", "1", "2"]
     assert [r["round"] for r in metrics["rounds"]] == [0, 1] and all("dropped" not in r for r in metrics["rounds"])
@@ -57,10 +58,3 @@ def test_superlink_and_three_supernodes_with_tls_and_auth(tmp_path):
     assert all(torch.equal(got[k], want[k]) for k in want), "deployment adapter differs from in-process"
     print(f"deployment test: {time.monotonic() - tic:.0f} s")
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

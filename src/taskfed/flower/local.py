@@ -93,20 +93,47 @@ def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def _descendants(pid: int) -> list[int]:
+    """Child processes, recursively (Linux /proc; elsewhere none): flwr starts some children, e.g. the
+    SuperLink's superexec, in sessions of their own, out of reach of a signal to the parent's group."""
+    out, todo = [], [pid]
+    while todo:
+        try:
+            kids = [int(k) for k in Path(f"/proc/{todo.pop()}/task").glob("*/children")
+                    for k in k.read_text().split()]
+        except (OSError, ValueError):
+            continue
+        out += kids
+        todo += kids
+    return out
+
+
 def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """SIGTERM to the process's group (it was started in its own session), SIGKILL if still there."""
+    """SIGTERM to the process's group (it was started in its own session) and to the groups of its
+    descendants, SIGKILL to whatever is still there."""
     if proc.poll() is not None:
         return
+    family = [proc.pid] + _descendants(proc.pid)
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
+        for pid in family:
+            try:
+                os.killpg(os.getpgid(pid), sig)
+            except (ProcessLookupError, PermissionError):
+                pass
         try:
             proc.wait(timeout=wait)
-            return
         except subprocess.TimeoutExpired:
             continue
+        if sig == signal.SIGKILL or not any(_alive(p) for p in family[1:]):
+            return
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 @dataclass
