@@ -120,20 +120,27 @@ def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
                 os.killpg(os.getpgid(pid), sig)
             except (ProcessLookupError, PermissionError):
                 pass
+        deadline = time.monotonic() + wait
         try:
             proc.wait(timeout=wait)
         except subprocess.TimeoutExpired:
             continue
-        if sig == signal.SIGKILL or not any(_alive(p) for p in family[1:]):
+        while any(_alive(p) for p in family[1:]) and time.monotonic() < deadline:
+            time.sleep(0.1)  # children of a dead parent are reaped by init, a moment later
+        if not any(_alive(p) for p in family[1:]):
             return
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped, does not count)."""
     try:
         os.kill(pid, 0)
-        return True
     except (ProcessLookupError, PermissionError):
         return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 @dataclass
