@@ -110,6 +110,17 @@ def finish_out(tmp: Path, out_dir: Path) -> None:
     os.replace(tmp, out_dir)
 
 
+def write_server_side(folder: Path, cfg: RunConfig, method, metrics: dict) -> dict:
+    """What the server side of any engine writes into a run folder: the resolved config, metrics.json and
+    the server's adapters (PEFT format). Returns the adapters' LoRA description for client adapters."""
+    (folder / "config.toml").write_text(tomli_w.dumps(_plain(cfg.model_dump())))
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    lora = dict(base_model=cfg.model.name, r=cfg.lora.r, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules)
+    for name, weights in method.server_adapters().items():
+        save_adapter(weights, folder / "adapters" / "server" / name.replace("/", "_"), **lora)
+    return lora
+
+
 # ----------------------------------------------------------------------------- the experiment
 class Experiment:
     """Builds everything a run needs; `run()` does the rounds and the evaluation."""
@@ -205,12 +216,7 @@ class Experiment:
             raise
 
     def write(self, folder: Path, metrics: dict) -> None:
-        cfg = self.cfg
-        (folder / "config.toml").write_text(tomli_w.dumps(_plain(cfg.model_dump())))
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        lora = dict(base_model=cfg.model.name, r=cfg.lora.r, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules)
-        for name, weights in self.method.server_adapters().items():
-            save_adapter(weights, folder / "adapters" / "server" / name.replace("/", "_"), **lora)
+        lora = write_server_side(folder, self.cfg, self.method, metrics)
         for cid, client in self.clients.items():
             for name, weights in self.method.client_adapters(client).items():
                 save_adapter(weights, folder / "adapters" / "clients" / cid / name.replace("/", "_"), **lora)

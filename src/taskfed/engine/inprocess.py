@@ -41,6 +41,19 @@ def job_seed(seed: int, round_idx: int, client: str, adapter: str) -> int:
     return zlib.crc32(f"{seed}/{round_idx}/{client}/{adapter}".encode())
 
 
+def downlink_bytes(jobs: list[Job]) -> int:
+    """Bytes the server sends for these jobs: each distinct server-held adapter once per client, however
+    many of the client's jobs share it (client-held adapters, LocalRef, never travel)."""
+    sent: set[tuple[str, int]] = set()
+    total = 0
+    for job in jobs:
+        for w in (job.candidates or [job.init]) + [fw for fw, _ in job.frozen]:
+            if not isinstance(w, LocalRef) and (job.client, id(w)) not in sent:
+                sent.add((job.client, id(w)))
+                total += n_bytes(w)
+    return total
+
+
 @dataclass
 class RoundStats:
     bytes_up: int = 0
@@ -101,12 +114,7 @@ class InProcessEngine:
     # ----------------------------------------------------------------- a round
     def run(self, round_idx: int, jobs: list[Job]) -> tuple[list[Result], RoundStats]:
         stats = RoundStats()
-        sent: set[tuple[str, int]] = set()
-        for job in jobs:  # downlink: each distinct server-sent adapter once per client
-            for w in (job.candidates or [job.init]) + [fw for fw, _ in job.frozen]:
-                if not isinstance(w, LocalRef) and (job.client, id(w)) not in sent:
-                    sent.add((job.client, id(w)))
-                    stats.bytes_down += n_bytes(w)
+        stats.bytes_down = downlink_bytes(jobs)
         resolved = [self._spec(job, round_idx) for job in jobs]
         specs = [s for s, _, _ in resolved]
         trained: list[tuple] = [None] * len(jobs)

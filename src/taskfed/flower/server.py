@@ -13,17 +13,15 @@ dropped from that round with its reason logged and recorded in the round's `drop
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
-import tomli_w
 import torch
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
@@ -33,9 +31,10 @@ from taskfed.errors import TaskfedError
 from taskfed.flower.basecache import cached_base
 from taskfed.flower.codec import check_results, decode_adapter, decode_arrays, encode_config, encode_jobs
 from taskfed.methods import build_method
-from taskfed.methods.base import Federation, Job, LocalRef, Method, Result
-from taskfed.model.peft_io import n_bytes, save_adapter
-from taskfed.run import _plain, finish_out, prepare_out, sample_clients
+from taskfed.engine.inprocess import downlink_bytes
+from taskfed.methods.base import Federation, Job, Method, Result
+from taskfed.model.peft_io import n_bytes
+from taskfed.run import finish_out, prepare_out, sample_clients, write_server_side
 from taskfed.runtime import Runtime
 
 LOG = logging.getLogger("taskfed.flower")
@@ -124,7 +123,7 @@ def _round(grid: Grid, cfg: RunConfig, r: int, jobs: list[Job], fed: Federated, 
         mine = [jobs[i] for i in idx]
         msgs[fed.node_of[cid]] = Message(encode_jobs(mine, r, cfg), dst_node_id=fed.node_of[cid],
                                          message_type="train.round", group_id=str(r))
-        stats["bytes_down"] += _bytes_down(mine)
+        stats["bytes_down"] += downlink_bytes(mine)
     replies, failed = _exchange(grid, msgs, opts.round_timeout, "round")
     client_of = {n: c for c, n in fed.node_of.items()}
     placed: dict[int, Result] = {}
@@ -152,17 +151,6 @@ def _round(grid: Grid, cfg: RunConfig, r: int, jobs: list[Job], fed: Federated, 
         stats["dropped"][client_of[node_id]] = why
         LOG.warning("round %d: dropped client %s: %s", r + 1, client_of[node_id], why)
     return [placed[i] for i in sorted(placed)], stats
-
-
-def _bytes_down(jobs: Iterable[Job]) -> int:
-    """As the in-process engine counts: each distinct server-sent adapter once per client."""
-    seen, total = set(), 0
-    for job in jobs:
-        for w in (job.candidates or [job.init]) + [fw for fw, _ in job.frozen]:
-            if not isinstance(w, LocalRef) and id(w) not in seen:
-                seen.add(id(w))
-                total += n_bytes(w)
-    return total
 
 
 def _results(reply: Message, jobs: list[Job], shapes, where: str) -> list[tuple[int, Result]]:
@@ -202,7 +190,7 @@ def serve(grid: Grid, cfg: RunConfig, opts: Options | None = None) -> dict[str, 
                    "rounds": rounds, "setup_seconds": setup_seconds,
                    "clients": {c: {"n_train": fed.n_train[c]} for c in clients}}
         if tmp is not None:
-            _write(tmp, cfg, method, metrics)
+            write_server_side(tmp, cfg, method, metrics)
             finish_out(tmp, opts.out_dir)
         return metrics
     except BaseException:
@@ -225,9 +213,3 @@ def _run_round(grid, cfg, method: Method, r: int, clients: list[str], fed: Feder
     return record
 
 
-def _write(folder: Path, cfg: RunConfig, method: Method, metrics: dict) -> None:
-    (folder / "config.toml").write_text(tomli_w.dumps(_plain(cfg.model_dump())))
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    lora = dict(base_model=cfg.model.name, r=cfg.lora.r, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules)
-    for name, weights in method.server_adapters().items():
-        save_adapter(weights, folder / "adapters" / "server" / name.replace("/", "_"), **lora)
