@@ -94,6 +94,7 @@ def test_only_the_global_adapter_reaches_the_server(data, tiny_runtime_factory):
     aggregate = exp.method.aggregate
 
     def spy(round_idx, results):  # what the server side receives, and what the clients hold right then
+        results = list(results)  # the round's uploads, all of them trained by now (the engine streams them)
         seen.append((round_idx, results))
         locals_held.extend(c.store[LOCAL] for c in exp.clients.values() if LOCAL in c.store)
         return aggregate(round_idx, results)
@@ -173,6 +174,7 @@ def test_feddpa_f_adds_one_round_that_uploads_nothing(data, tiny_runtime_factory
     aggregate = exp.method.aggregate
 
     def spy(round_idx, results):
+        results = list(results)
         out = aggregate(round_idx, results)
         globals_after.append(exp.method.global_adapter)
         if round_idx == 2:

@@ -206,7 +206,13 @@ def test_an_upload_with_nan_is_dropped_and_the_others_aggregate(tiny_runtime_fac
     monkeypatch.setattr(engine_mod, "train_pack", poisoned)
     seen = []
     aggregate = exp.method.aggregate
-    exp.method.aggregate = lambda r, results: (seen.extend(x.job.client for x in results), aggregate(r, results))
+
+    def spy(r, results):
+        results = list(results)
+        seen.extend(x.job.client for x in results)
+        aggregate(r, results)
+
+    exp.method.aggregate = spy
     metrics = exp.run()
     assert sorted(seen) == [c for c in exp.clients if c != "3"]
     assert "3/global" in metrics["rounds"][0]["dropped"] and "NaN" in metrics["rounds"][0]["dropped"]["3/global"]

@@ -166,9 +166,12 @@ class Experiment:
             start = time.perf_counter()
             selected = sample_clients(list(self.clients), cfg.scenario.clients_per_round, cfg.seed, r)
             jobs = self.method.plan(r, selected)
-            results, stats = self.engine.run(r, jobs)
-            # The server receives uploads only: a job that keeps its adapter on the client sends nothing.
-            self.method.aggregate(r, [x for x in results if x.weights is not None])
+            results, stats = self.engine.stream(r, jobs)
+            # The server receives uploads only (a job that keeps its adapter on the client sends nothing),
+            # one at a time as packs finish: a streaming aggregation never holds the whole round.
+            self.method.aggregate(r, (x for x in results if x.weights is not None))
+            for _ in results:  # what the aggregation did not pull (e.g. Local's client-kept jobs) still trains
+                pass
             rounds.append({"round": r, "train_loss": stats.loss, "bytes_up": stats.bytes_up,
                            "bytes_down": stats.bytes_down, "seconds": time.perf_counter() - start,
                            "compute_seconds": stats.compute_seconds, "train_tokens": stats.tokens,

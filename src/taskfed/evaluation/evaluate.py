@@ -19,7 +19,7 @@ from taskfed.data.records import Record
 from taskfed.evaluation.generate import generate, prompt_ids
 from taskfed.evaluation.metrics import score
 from taskfed.methods.base import Client, Method
-from taskfed.model.bank import AdapterWeights, RowMix
+from taskfed.model.bank import AdapterWeights
 from taskfed.runtime import Runtime
 
 MODES = ("local", "global", "unseen")

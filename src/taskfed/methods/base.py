@@ -5,7 +5,7 @@ or Flower) runs them where the client's data lives and returns results; the serv
 State that belongs to a client (a local adapter, local cluster labels) lives in that client's `store`,
 which only the method's *client-side* hooks touch; the server side sees only what results carry.
 
-Server side:  plan(round, clients) -> [Job]     aggregate(round, [Result])     server_adapters()
+Server side:  plan(round, clients) -> [Job]     aggregate(round, results in plan order)     server_adapters()
 Client side:  setup_client(client, rt) -> arrays for the server (optional, before round 0)
               eval_adapters(client) -> {name: weights}     route(client, records, names, rt) -> RowMix
 """
@@ -13,9 +13,11 @@ Client side:  setup_client(client, rt) -> arrays for the server (optional, befor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from itertools import repeat
+from typing import Any, ClassVar, Iterable
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict
 
 from taskfed.data.records import Record
@@ -140,7 +142,11 @@ class Method:
     def plan(self, round_idx: int, clients: list[str]) -> list[Job]:
         raise NotImplementedError
 
-    def aggregate(self, round_idx: int, results: list[Result]) -> None:
+    def aggregate(self, round_idx: int, results: Iterable[Result]) -> None:
+        """Folds in the round's uploads. `results` arrive in plan order, and an engine may deliver them
+        lazily, one pack at a time while later packs still train: a method that can average as they come
+        (RunningMean) holds one sum per aggregate, never the whole round; one that needs every upload at
+        once (a clustering) takes `list(results)`."""
         raise NotImplementedError
 
     def server_adapters(self) -> dict[str, AdapterWeights]:
@@ -176,14 +182,39 @@ class Method:
         return {}
 
 
-def weighted_mean(adapters: list[AdapterWeights], weights: list[float] | None = None) -> AdapterWeights:
-    """The weighted mean of adapters, key by key, accumulated in float64 in the given order."""
-    if not adapters:
-        raise ValueError("no adapters to average")
-    w = np.ones(len(adapters)) if weights is None else np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
-    out: AdapterWeights = {}
-    for key in adapters[0]:
-        acc = sum(float(wi) * a[key].double() for wi, a in zip(w, adapters))
-        out[key] = acc.float()
-    return out
+class RunningMean:
+    """A weighted mean of adapters folded in one at a time (streaming aggregation): float64 sums key by key,
+    so a server holds one adapter-sized sum per aggregate instead of every upload of the round. Folding the
+    same adapters in the same order gives the same bits (engines deliver results in plan order)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] | None = None
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, adapter: AdapterWeights, weight: float = 1.0) -> None:
+        w = float(weight)
+        if self.sums is None:
+            self.sums = {key: adapter[key].double() * w for key in adapter}
+        else:
+            for key, acc in self.sums.items():
+                acc.add_(adapter[key].double(), alpha=w)
+        self.total += w
+        self.count += 1
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def mean(self) -> AdapterWeights:
+        if self.sums is None:
+            raise ValueError("no adapters to average")
+        return {key: (acc / self.total).float() for key, acc in self.sums.items()}
+
+
+def weighted_mean(adapters: Iterable[AdapterWeights], weights: Iterable[float] | None = None) -> AdapterWeights:
+    """The weighted mean of adapters, key by key, accumulated in float64 in the given order (RunningMean)."""
+    acc = RunningMean()
+    pairs = zip(adapters, repeat(1.0)) if weights is None else zip(adapters, weights, strict=True)
+    for adapter, w in pairs:
+        acc.add(adapter, w)
+    return acc.mean()

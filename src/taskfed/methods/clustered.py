@@ -25,6 +25,7 @@ dual scenario's 8 clients; the FedRouter paper does not state its value).
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from typing import Any, Literal
 
 import numpy as np
@@ -33,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from taskfed.clustering import cosine_similarity, ward_labels
 from taskfed.errors import TaskfedError
-from taskfed.methods.base import Client, Job, Method, Result, weighted_mean
+from taskfed.methods.base import Client, Job, Method, Result, RunningMean
 from taskfed.model.bank import AdapterWeights
 
 
@@ -101,22 +102,25 @@ class ClusteredFL(Method):
         labels = ward_labels(self.similarity, self.params.n_clusters)
         return {r.job.client: int(g) for r, g in zip(results, labels)}
 
-    def aggregate(self, round_idx: int, results: list[Result]) -> None:
-        # Sorted by client so the clustering and the float sums do not depend on the order results arrive in.
-        results = sorted(results, key=lambda r: r.job.client)
-        if not results:
-            return
-        if self.groups is None:
-            if round_idx < self.params.cluster_round:  # FedAvg
-                self.global_adapter = weighted_mean([r.weights for r in results], [r.n_client for r in results])
+    def aggregate(self, round_idx: int, results) -> None:
+        if self.groups is None and round_idx >= self.params.cluster_round:
+            # The clustering needs every update at once; sorted by client so that it does not depend on
+            # the order results arrive in.
+            results = sorted(results, key=lambda r: r.job.client)
+            if not results:
                 return
             self.groups = self.cluster(results)
             self.clustered_at = round_idx
             self.group_adapters = [self.global_adapter] * self.params.n_clusters
-        for g in range(self.params.n_clusters):
-            members = [r for r in results if self.groups[r.job.client] == g]
-            if members:  # a group with no member this round keeps its weights
-                self.group_adapters[g] = weighted_mean([r.weights for r in members], [r.n_client for r in members])
+        # Otherwise streaming, in plan order: FedAvg before the clustering, per group after it.
+        means: dict[int, RunningMean] = defaultdict(RunningMean)
+        for r in results:
+            means[-1 if self.groups is None else self.groups[r.job.client]].add(r.weights, r.n_client)
+        for g, mean in means.items():  # a group with no member this round keeps its weights
+            if g < 0:
+                self.global_adapter = mean.mean()
+            else:
+                self.group_adapters[g] = mean.mean()
 
     def server_adapters(self) -> dict[str, AdapterWeights]:
         if self.groups is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from taskfed.methods.base import Client, Job, Method, Result, weighted_mean
+from taskfed.methods.base import Client, Job, Method, RunningMean
 
 
 class FedAvg(Method):
@@ -16,12 +16,13 @@ class FedAvg(Method):
     def plan(self, round_idx: int, clients: list[str]) -> list[Job]:
         return [Job(client=c, adapter="global", init=self.global_adapter, prox_mu=self.prox_mu) for c in clients]
 
-    def aggregate(self, round_idx: int, results: list[Result]) -> None:
-        # Sorted by client so the float sum is the same whatever order the results came back in.
-        if not results:  # every upload was refused: the global adapter stays
-            return
-        results = sorted(results, key=lambda r: r.job.client)
-        self.global_adapter = weighted_mean([r.weights for r in results], [r.n_client for r in results])
+    def aggregate(self, round_idx: int, results) -> None:
+        # Streaming: each upload is folded into a running sum as it arrives, in plan order (sorted by client).
+        mean = RunningMean()
+        for r in results:
+            mean.add(r.weights, r.n_client)
+        if mean:  # else every upload was refused: the global adapter stays
+            self.global_adapter = mean.mean()
 
     def server_adapters(self):
         return {"global": self.global_adapter}

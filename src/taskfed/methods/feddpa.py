@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from taskfed.data.records import Record
-from taskfed.methods.base import Client, Job, LocalRef, Method, Result, weighted_mean
+from taskfed.methods.base import Client, Job, LocalRef, Method, RunningMean
 from taskfed.model.bank import AdapterWeights, RowMix
 
 LOCAL = "feddpa_local"  # the client's store key of its local adapter
@@ -90,13 +90,16 @@ class _FedDPA(Method):
         # Trained alone from the adapter the server sends; uploaded.
         return Job(client=client, adapter="global", init=self.global_adapter)
 
-    def aggregate(self, round_idx: int, results: list[Result]) -> None:
-        # Only uploaded weights count; local jobs come back without weights (upload=False).
-        uploads = sorted((r for r in results if r.weights is not None), key=lambda r: r.job.client)
-        if not uploads:  # FedDPA-F's fine-tuning round: nothing reached the server
-            return
-        weights = None if self.params.mean == "uniform" else [r.n_client for r in uploads]
-        self.global_adapter = weighted_mean([r.weights for r in uploads], weights)
+    def aggregate(self, round_idx: int, results) -> None:
+        # Only uploaded weights count (local jobs come back without weights), folded in as they arrive, in
+        # plan order (sorted by client).
+        uniform = self.params.mean == "uniform"
+        mean = RunningMean()
+        for r in results:
+            if r.weights is not None:
+                mean.add(r.weights, 1.0 if uniform else r.n_client)
+        if mean:  # else FedDPA-F's fine-tuning round: nothing reached the server
+            self.global_adapter = mean.mean()
 
     def server_adapters(self) -> dict[str, AdapterWeights]:
         return {"global": self.global_adapter}

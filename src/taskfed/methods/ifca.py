@@ -22,13 +22,14 @@ same rule (lowest loss on a seeded batch of its training rows), on its side.
 from __future__ import annotations
 
 import zlib
+from collections import defaultdict
 from typing import Any
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from taskfed.methods.base import Client, Job, Method, Result, weighted_mean
+from taskfed.methods.base import Client, Job, Method, RunningMean
 from taskfed.model.bank import AdapterWeights, RowMix
 from taskfed.training import adapter_losses, sample_order
 
@@ -63,15 +64,18 @@ class IFCA(Method):
         # `init` is ignored when candidates are given: the engine starts from the lowest-loss candidate.
         return [Job(client=c, adapter="cluster", init=self.clusters[0], candidates=list(self.clusters)) for c in clients]
 
-    def aggregate(self, round_idx: int, results: list[Result]) -> None:
-        results = sorted(results, key=lambda r: r.job.client)
-        picks = {r.job.client: int(r.chosen) for r in results}
-        for g in range(self.params.n_clusters):
-            members = [r for r in results if r.chosen == g]
-            if members:  # a cluster nobody picked keeps its weights
-                self.clusters[g] = weighted_mean([r.weights for r in members], [r.n_client for r in members])
+    def aggregate(self, round_idx: int, results) -> None:
+        # Streaming, in plan order (sorted by client): each upload joins the running mean of the cluster
+        # it picked.
+        means: dict[int, RunningMean] = defaultdict(RunningMean)
+        picks: dict[str, int] = {}
+        for r in results:
+            picks[r.job.client] = int(r.chosen)
+            means[int(r.chosen)].add(r.weights, r.n_client)
+        for g, mean in means.items():  # a cluster nobody picked keeps its weights
+            self.clusters[g] = mean.mean()
         self.membership.update(picks)
-        self.history.append(picks)
+        self.history.append(dict(sorted(picks.items())))
 
     def server_adapters(self) -> dict[str, AdapterWeights]:
         return {f"cluster/{g}": w for g, w in enumerate(self.clusters)}
