@@ -14,15 +14,14 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from tests.conftest import tiny_config, write_two_task_data
+from taskfed.clustering import clustering_accuracy
 from taskfed.data.records import Record
 from taskfed.errors import TaskfedError
 from taskfed.methods import METHODS, method_params
 from taskfed.methods.base import Client, Federation, Result, label_rows
 from taskfed.methods.fedrouter import CENTROIDS, LABELS
-from taskfed.model.bank import RowMix
 from taskfed.run import run_experiment
 
 
@@ -70,15 +69,6 @@ def two_task_records(n: int = 40) -> list[Record]:
 SEPARATED = {"capitals": np.eye(8)[0] * 6, "letters": np.eye(8)[1] * 6}
 
 
-def agreement(labels, truth) -> float:
-    """Share of rows whose cluster matches their task under the best one-to-one matching (Hungarian)."""
-    labels, truth = np.asarray(labels), np.asarray(truth)
-    ul, ut = np.unique(labels), np.unique(truth)
-    counts = np.array([[np.sum((labels == a) & (truth == b)) for b in ut] for a in ul])
-    rows, cols = linear_sum_assignment(-counts)
-    return counts[rows, cols].sum() / len(labels)
-
-
 def result(job, weights, n_rows: int, n_client: int) -> Result:
     return Result(job=job, weights=weights, n_rows=n_rows, n_client=n_client, loss=0.0)
 
@@ -100,7 +90,7 @@ def test_local_clusters_recover_tasks_on_controlled_embeddings():
     rt = FakeRuntime(centres=SEPARATED)
     upload = make(n_local=2).setup_client(client, rt)
     labels = client.store[LABELS]
-    assert agreement(labels, [r.task for r in records]) > 0.95
+    assert clustering_accuracy(labels, [r.task for r in records]) > 0.95
     # Only arrays travel: the centroids (one per local cluster), which are the members' mean embeddings.
     assert set(upload) == {"centroids"} and isinstance(upload["centroids"], np.ndarray)
     emb = rt.embed([r.instruction for r in records]).numpy()
@@ -113,7 +103,7 @@ def test_local_clusters_recover_tasks_on_tiny_model(tiny_runtime_factory):
     records = two_task_records(20)
     client = Client("0", records)
     make(n_local=2).setup_client(client, tiny_runtime_factory(tiny_config()))
-    assert agreement(client.store[LABELS], [r.task for r in records]) > 0.95
+    assert clustering_accuracy(client.store[LABELS], [r.task for r in records]) > 0.95
 
 
 def test_fedrouter_oracle_uses_true_task_labels():
@@ -131,7 +121,7 @@ def test_fedrouter_oracle_uses_true_task_labels():
     # ... and the same data under KMeans does not follow the tasks.
     km_client = Client("0", records)
     make(n_local=3, tasks=("upper", "count", "third")).setup_client(km_client, rt)
-    assert agreement(km_client.store[LABELS], [r.task for r in records]) < 0.9
+    assert clustering_accuracy(km_client.store[LABELS], [r.task for r in records]) < 0.9
     with pytest.raises(TaskfedError, match="unknown key 'method.n_local'"):
         method_params({"name": "fedrouter-oracle", "n_local": 2})
 
@@ -341,3 +331,155 @@ def test_run_oracles_and_switches_end_to_end(two_tasks, tiny_runtime_factory, tm
         ev = metrics["eval"][mode]
         assert ev["router_accuracy"] == 1.0  # the oracle router follows each task's majority cluster
         assert sorted(ev["binding"]) == ["0", "1"] and all(len(b) == 2 for b in ev["binding"].values())
+
+
+# ----------------------------------------------------------------------------- embedding depth (embed_layers)
+TEXTS = ["Write the word in capitals: apple", "How many letters has the word 'river'? Give the number. ###", "hi"]
+
+
+def shallow_runtime(tiny_runtime_factory):
+    """The tiny model (2 decoder layers) with a final-norm gain that is not all ones, so that applying the
+    norm or not gives different vectors."""
+    rt = tiny_runtime_factory(tiny_config())
+    with torch.no_grad():
+        norm = rt.decoder().norm.weight
+        norm.copy_(torch.linspace(0.5, 2.0, norm.numel()))
+    return rt
+
+
+def reference_embedding(rt, text: str, layers: int) -> torch.Tensor:
+    """Computed independently: the full model's hidden states (output_hidden_states), entry `layers` = the
+    output of decoder layer `layers`, then the final norm, then the mean over the (unpadded) tokens."""
+    enc = rt.tokenizer([text], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = rt.decoder()(**enc, output_hidden_states=True, use_cache=False)
+        return rt.decoder().norm(out.hidden_states[layers])[0].mean(0).float()
+
+
+def test_shallow_embedding_is_the_normed_hidden_state_after_layer_l(tiny_runtime_factory):
+    rt = shallow_runtime(tiny_runtime_factory)
+    assert rt.n_layers == 2
+    default = rt.embed(TEXTS)
+    shallow = rt.embed(TEXTS, layers=1)  # three texts of different lengths: one padded batch
+    for i, text in enumerate(TEXTS):
+        ref = reference_embedding(rt, text, 1)
+        torch.testing.assert_close(shallow[i], ref, rtol=1e-4, atol=1e-5)
+        # The norm is applied: without it the vector is another one.
+        enc = rt.tokenizer([text], return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            raw = rt.decoder()(**enc, output_hidden_states=True, use_cache=False).hidden_states[1][0].mean(0)
+        assert (raw - shallow[i]).abs().max() > 1e-2
+    assert (default - shallow).abs().max() > 1e-2  # another depth, another embedding
+    # All layers (L = n_layers) is the default embedding itself, bit for bit, and shares its cache entries.
+    assert torch.equal(rt.embed(TEXTS, layers=2), default)
+    for i, text in enumerate(TEXTS):  # ... which is the mean of the full model's last hidden state
+        enc = rt.tokenizer([text], return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            last = rt.decoder()(**enc, use_cache=False).last_hidden_state[0].mean(0)
+        torch.testing.assert_close(default[i], last, rtol=1e-4, atol=1e-5)
+
+
+def count_layer_calls(rt) -> list[int]:
+    calls = []
+    for i, layer in enumerate(rt.decoder().layers):
+        layer.register_forward_hook(lambda mod, args, out, i=i: calls.append(i))
+    return calls
+
+
+def test_truncated_forward_runs_only_l_layers_and_restores_the_model(tiny_runtime_factory):
+    rt = shallow_runtime(tiny_runtime_factory)
+    layers = rt.decoder().layers
+    calls = count_layer_calls(rt)
+    rt.embed(TEXTS, layers=1)
+    assert calls == [0]  # one batch, only the first decoder layer ran
+    assert rt.decoder().layers is layers and len(layers) == 2
+    calls.clear()
+    rt.embed(["another text"])
+    assert calls == [0, 1]  # the default runs both
+    # An exception inside the truncated forward still puts the whole layer list back.
+    calls.clear()
+    handle = layers[0].register_forward_pre_hook(lambda mod, args: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        rt.embed(["fails"], layers=1)
+    handle.remove()
+    assert rt.decoder().layers is layers and len(rt.decoder().layers) == 2
+    rt.embed(["works again"])
+    assert calls[-2:] == [0, 1]
+    with pytest.raises(ValueError), rt.first_layers(3):
+        pass
+    assert rt.decoder().layers is layers
+
+
+def test_embedding_cache_keeps_depths_apart(tiny_runtime_factory):
+    rt = shallow_runtime(tiny_runtime_factory)
+    computed: list[tuple] = []
+    hidden_states = rt.hidden_states
+
+    def counting(texts, mix, pool, **kw):
+        computed.append((kw.get("layers"), tuple(texts)))
+        return hidden_states(texts, mix, pool, **kw)
+
+    rt.hidden_states = counting
+    shallow = rt.embed(TEXTS[:2], layers=1)
+    default = rt.embed(TEXTS[:2])  # not served from the depth-1 entries
+    assert computed == [(1, tuple(TEXTS[:2])), (None, tuple(TEXTS[:2]))]
+    assert set(rt._embedded) == {(d, t) for d in (1, None) for t in TEXTS[:2]}
+    computed.clear()
+    assert torch.equal(rt.embed(TEXTS[:2], layers=1), shallow) and torch.equal(rt.embed(TEXTS[:2]), default)
+    assert rt.embed(list(reversed(TEXTS)), layers=1).shape == (3, 64)  # only the new text is computed
+    assert computed == [(1, (TEXTS[2],))]
+
+
+def test_fedrouter_embed_layers_reaches_clustering_and_router(tiny_runtime_factory):
+    rt = shallow_runtime(tiny_runtime_factory)
+    records = two_task_records(10)
+    texts = [r.instruction for r in records]
+    for name, extra in (("fedrouter", {"n_local": 2}), ("fedrouter-oracle", {})):
+        m = make(name, clients=("0",), n_global=2, embed_layers=1, **extra)
+        client = Client("0", records)
+        upload = m.setup_client(client, rt)
+        emb = rt.embed(texts, layers=1).double().numpy()
+        labels = client.store[LABELS]
+        for k in range(2):  # local centroids (the server's global clustering input) come from depth 1
+            np.testing.assert_allclose(upload["centroids"][k], emb[labels == k].mean(0), rtol=1e-5, atol=1e-6)
+        m.setup_server({"0": upload})
+        test = [Record("Write the word in capitals: zebra", "ZEBRA", "upper")]
+        names = list(m.eval_adapters(client))
+        mix = m.route(client, test, names, rt)
+        want = int(np.argmin(np.linalg.norm(m.centroids - rt.embed([test[0].instruction], layers=1).double().numpy(), axis=1)))
+        assert names[int(mix.idx[0, 0])] == f"cluster/{want}"
+    assert {d for d, _ in rt._embedded} == {1}  # nothing computed at full depth
+
+
+def test_embed_layers_out_of_range_is_refused_with_the_key(tiny_runtime_factory):
+    rt = shallow_runtime(tiny_runtime_factory)
+    with pytest.raises(TaskfedError, match=r"method\.embed_layers: 3 is more than the model's 2 decoder layers"):
+        make(n_local=2, embed_layers=3).setup_client(Client("0", two_task_records(4)), rt)
+    with pytest.raises(TaskfedError, match=r"method\.embed_layers: 5 is more than"):
+        make("fedrouter-oracle", embed_layers=5).setup_client(Client("0", two_task_records(4)), rt)
+    for bad in (0, -1, "two"):
+        with pytest.raises(TaskfedError, match="bad value for 'method.embed_layers'"):
+            method_params({"name": "fedrouter", "embed_layers": bad})
+    assert method_params({"name": "fedrouter"}).embed_layers is None  # default: methods.md's embed(x)
+
+
+def test_smoke_run_with_shallow_embedding(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from taskfed.cli import app
+    from tests.conftest import ROOT
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", str(ROOT / "configs" / "fedrouter-dual.toml"), "--out", str(out),
+                                      "--smoke", "--set", "method.embed_layers=1"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["rounds"]) >= 2
+    for ev in metrics["eval"].values():
+        assert ev["router_accuracy"] is not None and sum(sum(v) for v in ev["router_confusion"].values()) > 0
+    assert "embed_layers = 1" in (out / "config.toml").read_text()
+    bad = CliRunner().invoke(app, ["run", str(ROOT / "configs" / "fedrouter-dual.toml"), "--out", str(tmp_path / "bad"),
+                                   "--smoke", "--set", "method.embed_layers=9"], catch_exceptions=False)
+    assert bad.exit_code == 2 and "method.embed_layers" in bad.output, bad.output
+    assert not (tmp_path / "bad").exists()

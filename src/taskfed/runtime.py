@@ -6,6 +6,7 @@ template, embeddings, and the slots of the bank.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,7 @@ import torch
 from taskfed.config import RunConfig
 from taskfed.data.prompts import render
 from taskfed.data.records import Record
+from taskfed.memory import tune_heap
 from taskfed.model.bank import AdapterBank, AdapterWeights, RowMix
 from taskfed.model.loading import load_base
 
@@ -30,6 +32,7 @@ class Encoded:
 class Runtime:
     def __init__(self, cfg: RunConfig, model=None, tokenizer=None):
         self.cfg = cfg
+        tune_heap()  # before the model and the first training step allocate (taskfed/memory.py)
         if model is None:
             model, tokenizer = load_base(cfg.model.name, dtype=DTYPES[cfg.model.dtype], device=cfg.model.device,
                                          seed=cfg.seed)
@@ -38,7 +41,9 @@ class Runtime:
         self.bank = AdapterBank(model, n_slots=4, r=cfg.lora.r, alpha=cfg.lora.alpha,
                                 target_modules=cfg.lora.target_modules, dtype=DTYPES[cfg.model.dtype])
         self._encoded: dict[tuple[str, str], Encoded] = {}
-        self._embedded: dict[str, torch.Tensor] = {}
+        # Keyed by (depth, text): depth None is methods.md's embed(x) (all layers), an int the first
+        # `depth` decoder layers (FedRouter's `embed_layers`), so two depths never mix.
+        self._embedded: dict[tuple[int | None, str], torch.Tensor] = {}
 
     # ----------------------------------------------------------------- text
     def prompt(self, instruction: str) -> str:
@@ -85,10 +90,40 @@ class Runtime:
     def decoder(self):
         return getattr(self.model, self.model.base_model_prefix)
 
+    @property
+    def n_layers(self) -> int:
+        """The number of decoder layers of the base model."""
+        return len(self.decoder().layers)
+
+    @contextmanager
+    def first_layers(self, layers: int | None):
+        """Within the block the decoder runs only its first `layers` decoder layers (None: all of them).
+
+        The decoder's `layers` ModuleList is swapped for a slice of itself and put back in `finally`, so the
+        model is whole again after the block, also after an exception. The rest of the forward is untouched:
+        token embeddings, rotary positions, the causal mask, and the final norm after the last layer that
+        ran (transformers' Llama-style decoders loop over `self.layers[:num_hidden_layers]`, then apply
+        `self.norm`). Not thread-safe: a Runtime is used by one thread at a time (Flower's ClientApps are
+        processes with their own model)."""
+        if layers is None:
+            yield
+            return
+        decoder = self.decoder()
+        full = decoder.layers
+        if not 1 <= layers <= len(full):
+            raise ValueError(f"layers = {layers}: the decoder has {len(full)} layers (1..{len(full)})")
+        decoder.layers = full[:layers]  # a new ModuleList holding the same layer modules
+        try:
+            yield
+        finally:
+            decoder.layers = full
+
     @torch.no_grad()
-    def hidden_states(self, texts: list[str], mix: RowMix | None, pool: str, batch_size: int = 32) -> torch.Tensor:
+    def hidden_states(self, texts: list[str], mix: RowMix | None, pool: str, batch_size: int = 32,
+                      layers: int | None = None) -> torch.Tensor:
         """Final hidden states of raw texts (no template), pooled by `mean` over non-pad tokens or `last` token.
-        Row i of `mix` belongs to text i. Texts are batched by length (less padding), results in input order."""
+        Row i of `mix` belongs to text i. Texts are batched by length (less padding), results in input order.
+        `layers`: run only the first `layers` decoder layers (then the final norm); None: the whole model."""
         tok = self.tokenizer
         if not texts:
             return torch.zeros(0, self.model.config.hidden_size)
@@ -100,7 +135,7 @@ class Runtime:
             enc = tok([texts[i] for i in rows], return_tensors="pt", padding=True, truncation=True,
                       max_length=self.cfg.data.max_length, add_special_tokens=False).to(self.device)
             sub = None if mix is None else mix.select(torch.tensor(rows))
-            with self.bank.mixing(sub):
+            with self.bank.mixing(sub), self.first_layers(layers):
                 hidden = self.decoder()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                                         use_cache=False).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -111,13 +146,20 @@ class Runtime:
             out[torch.tensor(rows)] = pooled.float().cpu()
         return out
 
-    def embed(self, texts: list[str]) -> torch.Tensor:
+    def embed(self, texts: list[str], layers: int | None = None) -> torch.Tensor:
         """methods.md's embed(x): mean of the last hidden layer over non-pad tokens, no adapter active.
-        Cached per text for the run: a sample is embedded once, however often it is routed."""
-        missing = list(dict.fromkeys(t for t in texts if t not in self._embedded))
+        `layers` (FedRouter's `embed_layers`): the mean of the hidden state after the first `layers` decoder
+        layers, with the final norm applied, computed by running only those layers; None (default) or the
+        model's layer count: the whole model, the same values and cache entries as methods.md's embed(x).
+        Cached per (depth, text) for the run: a sample is embedded once per depth, however often it is routed."""
+        if layers is not None and layers == self.n_layers:
+            layers = None  # all layers: exactly the default forward
+        missing = list(dict.fromkeys(t for t in texts if (layers, t) not in self._embedded))
         if missing:
-            for text, vec in zip(missing, self.hidden_states(missing, None, "mean")):
-                self._embedded[text] = vec
+            vecs = (self.hidden_states(missing, None, "mean") if layers is None
+                    else self.hidden_states(missing, None, "mean", layers=layers))
+            for text, vec in zip(missing, vecs):
+                self._embedded[(layers, text)] = vec
         if not texts:
             return torch.zeros(0, self.model.config.hidden_size)
-        return torch.stack([self._embedded[t] for t in texts])
+        return torch.stack([self._embedded[(layers, t)] for t in texts])

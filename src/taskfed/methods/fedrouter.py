@@ -33,12 +33,24 @@ mode; the official launcher pairs the local evaluation data with the local route
 Euclidean, `random_state` = the run seed, `n_init` = 10 fixed (the official code uses n_init "auto" with
 random_state 0); a centroid is the mean of its members' embeddings, the same rule for both methods.
 
+Embedding depth (`embed_layers`, both methods): default None is methods.md's embed(x), the mean over
+non-pad tokens of the base model's last hidden layer (a full forward per text). An int L is a cheaper
+switch that is not in methods.md: the mean over non-pad tokens of the hidden state after the first L
+decoder layers, with the model's final norm applied, computed by running only those L layers
+(`Runtime.first_layers`), so the embedding costs about L / n_layers of a full forward. The final norm is
+kept because (a) L = n_layers is then exactly the default embedding, and (b) the raw residual stream of
+a Llama-style model has a few positions and channels of very large magnitude that would dominate an
+unnormalised token mean and the Euclidean KMeans; RMSNorm rescales every token to the same RMS first.
+Local clustering, the local centroids (hence the server's global clustering) and the router all go
+through `FedRouter.embed`, so they use the same depth; `Runtime.embed` caches per (depth, text).
+
 Privacy note (methods.md): local centroids of data embeddings leave the client, as float32 arrays; what
 the server sends back for routing (global centroids, the client's bindings) is arrays too, never text.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any, Literal
 
 import numpy as np
@@ -47,7 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from taskfed.clustering import kmeans_adapters, kmeans_labels as kmeans, nearest
 from taskfed.data.records import Record
 from taskfed.errors import TaskfedError
-from taskfed.methods.base import Client, Job, Method, Result, label_rows, weighted_mean
+from taskfed.methods.base import Client, Job, Method, Result, RunningMean, label_rows
 from taskfed.model.bank import AdapterWeights, RowMix
 
 LABELS = "fedrouter_labels"  # client store: local cluster label per training row (int array)
@@ -62,6 +74,9 @@ class FedRouterOracleParams(BaseModel):
     global_clustering: Literal["centroids", "adapters"] = "centroids"
     aggregation_weight: Literal["client", "cluster"] = "client"
     router: Literal["global", "local", "oracle"] = "global"
+    embed_layers: int | None = Field(
+        default=None, ge=1, description="embed(x) from the first L decoder layers only (cheaper; not in "
+        "methods.md); default: all layers, methods.md's embed(x)")
 
 
 class FedRouterParams(FedRouterOracleParams):
@@ -100,8 +115,19 @@ class FedRouter(Method):
                                f"fewer than n_local = {k}.")
         return kmeans(emb, k, self.fed.seed)
 
+    def embed(self, rt, texts: list[str]) -> np.ndarray:
+        """embed(x) of each text at the configured depth: the one embedding behind local clustering (and so
+        the local and global centroids) and the router, so all three always agree."""
+        layers = self.params.embed_layers
+        if layers is None:
+            return rt.embed(texts).double().numpy()  # methods.md's embed(x)
+        if layers > rt.n_layers:
+            raise TaskfedError(f"method.embed_layers: {layers} is more than the model's {rt.n_layers} decoder "
+                               f"layers (use 1..{rt.n_layers}, or leave it unset for all of them).")
+        return rt.embed(texts, layers=layers).double().numpy()
+
     def setup_client(self, client: Client, rt) -> dict[str, np.ndarray]:
-        emb = rt.embed([r.instruction for r in client.records]).double().numpy()
+        emb = self.embed(rt, [r.instruction for r in client.records])
         labels = self.local_labels(client, emb)
         n_local = int(labels.max()) + 1
         empty = [k for k in range(n_local) if not (labels == k).any()]
@@ -175,17 +201,20 @@ class FedRouter(Method):
         return jobs
 
     # ================================================================== 4. aggregation (server)
-    def aggregate(self, round_idx: int, results: list[Result]) -> None:
-        # Sorted by (client, local cluster) so the float sums do not depend on the order results arrive in.
-        results = sorted(results, key=lambda r: (r.job.client, local_index(r.job)))
+    def aggregate(self, round_idx: int, results) -> None:
         if self.binding is None:
+            # Global clustering over adapters binds on round 0's uploads, all at once; sorted by (client,
+            # local cluster) so that it does not depend on the order results arrive in.
+            results = sorted(results, key=lambda r: (r.job.client, local_index(r.job)))
             self.bind_by_adapters(results)
-        for g in range(self.n_global):
-            members = [r for r in results if int(self.binding[r.job.client][local_index(r.job)]) == g]
-            if not members:
-                continue  # no member this round: the cluster keeps its weights
-            weights = [r.n_client if self.params.aggregation_weight == "client" else r.n_rows for r in members]
-            self.adapters[g] = weighted_mean([r.weights for r in members], weights)
+        # Streaming, in plan order (sorted by client, local cluster): each upload joins the running mean of
+        # the global cluster its (client, local cluster) is bound to; only bound adapters reach a cluster.
+        means: dict[int, RunningMean] = defaultdict(RunningMean)
+        for r in results:
+            g = int(self.binding[r.job.client][local_index(r.job)])
+            means[g].add(r.weights, r.n_client if self.params.aggregation_weight == "client" else r.n_rows)
+        for g, mean in means.items():  # a cluster with no member this round keeps its weights
+            self.adapters[g] = mean.mean()
 
     def server_adapters(self) -> dict[str, AdapterWeights]:
         return {f"cluster/{g}": w for g, w in enumerate(self.adapters)}
@@ -209,7 +238,7 @@ class FedRouter(Method):
 
     def route(self, client: Client, records: list[Record], names: list[str], rt) -> RowMix:
         sent = self.broadcast(client.id)
-        emb = rt.embed([r.instruction for r in records]).double().numpy()
+        emb = self.embed(rt, [r.instruction for r in records])
         if self.params.router == "local":
             allowed = np.unique(sent["bound"])
         else:
