@@ -89,17 +89,17 @@ def test_jobs_the_aggregation_does_not_pull_still_train(tiny_runtime_factory):
         assert not _equal(client.store["local"], init)
 
 
-def test_the_heap_threshold_is_fixed_once_and_can_be_left_alone(monkeypatch):
+def test_the_heap_threshold_is_fixed_once_where_asked_and_left_alone_by_default(monkeypatch):
     import taskfed.memory as memory
 
     calls = []
     monkeypatch.setattr(memory, "_mallopt", lambda param, value: calls.append((param, value)))
     monkeypatch.setattr(memory, "_tuned", False)
     monkeypatch.delenv("TASKFED_MMAP_THRESHOLD", raising=False)
+    memory.tune_heap()  # default: glibc's own dynamic threshold (training speed)
+    assert calls == []
+    monkeypatch.setattr(memory, "_tuned", False)
+    monkeypatch.setenv("TASKFED_MMAP_THRESHOLD", "1048576")
     memory.tune_heap()
     memory.tune_heap()  # once per process
-    assert calls == [(memory.M_MMAP_THRESHOLD, 1 << 20)]
-    monkeypatch.setattr(memory, "_tuned", False)
-    monkeypatch.setenv("TASKFED_MMAP_THRESHOLD", "0")  # glibc's own dynamic threshold
-    memory.tune_heap()
     assert calls == [(memory.M_MMAP_THRESHOLD, 1 << 20)]
