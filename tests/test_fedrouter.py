@@ -50,7 +50,8 @@ class FakeRuntime:
         centre = next((c for key, c in self.centres.items() if key in text), np.zeros(self.dim))
         return centre + self.noise * rng.standard_normal(self.dim)
 
-    def embed(self, texts):
+    def embed(self, texts, layers=None):
+        assert layers is None  # the fake has one depth: methods.md's embed(x)
         self.calls += list(texts)
         return torch.tensor(np.stack([self.vector(t) for t in texts]) if texts else np.zeros((0, self.dim)))
 

@@ -156,9 +156,7 @@ class Runtime:
             layers = None  # all layers: exactly the default forward
         missing = list(dict.fromkeys(t for t in texts if (layers, t) not in self._embedded))
         if missing:
-            vecs = (self.hidden_states(missing, None, "mean") if layers is None
-                    else self.hidden_states(missing, None, "mean", layers=layers))
-            for text, vec in zip(missing, vecs):
+            for text, vec in zip(missing, self.hidden_states(missing, None, "mean", layers=layers)):
                 self._embedded[(layers, text)] = vec
         if not texts:
             return torch.zeros(0, self.model.config.hidden_size)

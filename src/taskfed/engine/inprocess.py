@@ -23,8 +23,6 @@ from taskfed.runtime import Runtime
 from taskfed.training import PackTimes, TrainSpec, adapter_losses, cosine_lr, sample_order, train_pack
 
 
-
-
 def job_seed(seed: int, round_idx: int, client: str, adapter: str) -> int:
     """A stable per-job seed for row sampling (independent of job order and of Python's hash salt)."""
     return zlib.crc32(f"{seed}/{round_idx}/{client}/{adapter}".encode())
@@ -137,7 +135,7 @@ class InProcessEngine:
                 if result is not None:  # the round's loss is over the results the server accepts
                     losses.append(loss)
                     yield result
-                del weights, result
+                del weights, result  # not held by this frame while the next pack trains
         if losses:
             stats.loss = float(np.mean(losses))
 

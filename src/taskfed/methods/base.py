@@ -12,9 +12,10 @@ Client side:  setup_client(client, rt) -> arrays for the server (optional, befor
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Any, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Hashable, Iterable
 
 import numpy as np
 import torch
@@ -209,6 +210,16 @@ class RunningMean:
         if self.sums is None:
             raise ValueError("no adapters to average")
         return {key: (acc / self.total).float() for key, acc in self.sums.items()}
+
+
+def group_means(results: Iterable[Result], group: Callable[[Result], Hashable],
+                weight: Callable[[Result], float]) -> dict[Hashable, AdapterWeights]:
+    """Per group, the weighted mean of the uploads in it, folded in one by one as `results` arrive (a
+    streaming aggregation); a group with no upload has no entry."""
+    means: dict[Hashable, RunningMean] = defaultdict(RunningMean)
+    for r in results:
+        means[group(r)].add(r.weights, weight(r))
+    return {g: mean.mean() for g, mean in means.items()}
 
 
 def weighted_mean(adapters: Iterable[AdapterWeights], weights: Iterable[float] | None = None) -> AdapterWeights:

@@ -25,7 +25,6 @@ dual scenario's 8 clients; the FedRouter paper does not state its value).
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from typing import Any, Literal
 
 import numpy as np
@@ -34,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from taskfed.clustering import cosine_similarity, ward_labels
 from taskfed.errors import TaskfedError
-from taskfed.methods.base import Client, Job, Method, Result, RunningMean
+from taskfed.methods.base import Client, Job, Method, Result, group_means
 from taskfed.model.bank import AdapterWeights
 
 
@@ -113,14 +112,13 @@ class ClusteredFL(Method):
             self.clustered_at = round_idx
             self.group_adapters = [self.global_adapter] * self.params.n_clusters
         # Otherwise streaming, in plan order: FedAvg before the clustering, per group after it.
-        means: dict[int, RunningMean] = defaultdict(RunningMean)
-        for r in results:
-            means[-1 if self.groups is None else self.groups[r.job.client]].add(r.weights, r.n_client)
-        for g, mean in means.items():  # a group with no member this round keeps its weights
-            if g < 0:
-                self.global_adapter = mean.mean()
-            else:
-                self.group_adapters[g] = mean.mean()
+        if self.groups is None:
+            means = group_means(results, lambda r: "global", lambda r: r.n_client)
+            if means:  # else every upload was refused: the global adapter stays
+                self.global_adapter = means["global"]
+            return
+        for g, mean in group_means(results, lambda r: self.groups[r.job.client], lambda r: r.n_client).items():
+            self.group_adapters[g] = mean  # a group with no member this round keeps its weights
 
     def server_adapters(self) -> dict[str, AdapterWeights]:
         if self.groups is None:

@@ -50,7 +50,6 @@ the server sends back for routing (global centroids, the client's bindings) is a
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any, Literal
 
 import numpy as np
@@ -59,7 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from taskfed.clustering import kmeans_adapters, kmeans_labels as kmeans, nearest
 from taskfed.data.records import Record
 from taskfed.errors import TaskfedError
-from taskfed.methods.base import Client, Job, Method, Result, RunningMean, label_rows
+from taskfed.methods.base import Client, Job, Method, Result, group_means, label_rows
 from taskfed.model.bank import AdapterWeights, RowMix
 
 LABELS = "fedrouter_labels"  # client store: local cluster label per training row (int array)
@@ -118,10 +117,8 @@ class FedRouter(Method):
     def embed(self, rt, texts: list[str]) -> np.ndarray:
         """embed(x) of each text at the configured depth: the one embedding behind local clustering (and so
         the local and global centroids) and the router, so all three always agree."""
-        layers = self.params.embed_layers
-        if layers is None:
-            return rt.embed(texts).double().numpy()  # methods.md's embed(x)
-        if layers > rt.n_layers:
+        layers = self.params.embed_layers  # None: methods.md's embed(x)
+        if layers is not None and layers > rt.n_layers:
             raise TaskfedError(f"method.embed_layers: {layers} is more than the model's {rt.n_layers} decoder "
                                f"layers (use 1..{rt.n_layers}, or leave it unset for all of them).")
         return rt.embed(texts, layers=layers).double().numpy()
@@ -209,12 +206,11 @@ class FedRouter(Method):
             self.bind_by_adapters(results)
         # Streaming, in plan order (sorted by client, local cluster): each upload joins the running mean of
         # the global cluster its (client, local cluster) is bound to; only bound adapters reach a cluster.
-        means: dict[int, RunningMean] = defaultdict(RunningMean)
-        for r in results:
-            g = int(self.binding[r.job.client][local_index(r.job)])
-            means[g].add(r.weights, r.n_client if self.params.aggregation_weight == "client" else r.n_rows)
+        by_client = self.params.aggregation_weight == "client"
+        means = group_means(results, lambda r: int(self.binding[r.job.client][local_index(r.job)]),
+                            lambda r: r.n_client if by_client else r.n_rows)
         for g, mean in means.items():  # a cluster with no member this round keeps its weights
-            self.adapters[g] = mean.mean()
+            self.adapters[g] = mean
 
     def server_adapters(self) -> dict[str, AdapterWeights]:
         return {f"cluster/{g}": w for g, w in enumerate(self.adapters)}
