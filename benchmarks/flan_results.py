@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from taskfed.config import load_config  # noqa: E402
-from taskfed.run import Experiment, finish_out, prepare_out  # noqa: E402
+from taskfed.run import Experiment
+from taskfed.runfolder import finish_out, prepare_out  # noqa: E402
 from taskfed.runtime import Runtime  # noqa: E402
 
 BUDGET = ["model.name=smollm2", f"data.path={ROOT.parent / 'shared/data/flan-feddpa/dataset1'}",

@@ -38,7 +38,8 @@ def main() -> None:
     from taskfed.flower.basecache import cached_base
     from taskfed.flower.local import LocalFederation
     from taskfed.model.loading import load_base
-    from taskfed.run import Experiment, _plain
+    from taskfed.run import Experiment
+from taskfed.runfolder import plain
 
     torch.set_num_threads(1)  # the nodes run one thread each (OMP_NUM_THREADS=1 below): like for like
     flan = (ROOT / ".." / "shared" / "data" / "flan-feddpa" / "dataset1").resolve()
@@ -57,7 +58,7 @@ def main() -> None:
             tic = time.perf_counter(); cached_base(cfg); cached = time.perf_counter() - tic
             print(f"base model load on a node: original format {original:.2f} s, node cache {cached:.2f} s")
 
-        (tmp / "run.toml").write_text(tomli_w.dumps(_plain(cfg.model_dump())))
+        (tmp / "run.toml").write_text(tomli_w.dumps(plain(cfg.model_dump())))
         nodes = [{"partition-id": i, "num-partitions": args.clients, "state-dir": str(tmp / "state")}
                  for i in range(args.clients)]
         tic = time.perf_counter()

@@ -19,7 +19,8 @@ import torch
 from tests.conftest import tiny_config
 from taskfed.flower.local import LocalFederation, _alive, _descendants
 from taskfed.model.peft_io import load_adapter
-from taskfed.run import Experiment, _plain
+from taskfed.run import Experiment
+from taskfed.runfolder import plain
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_superlink_and_three_supernodes_with_tls_and_auth(tmp_path):
     cfg = tiny_config("method.name=fedavg", "scenario.n_clients=3",
                       'data.tasks=["definite_pronoun_resolution","snli","cola"]')
-    (tmp_path / "run.toml").write_text(tomli_w.dumps(_plain(cfg.model_dump())))
+    (tmp_path / "run.toml").write_text(tomli_w.dumps(plain(cfg.model_dump())))
     nodes = [{"partition-id": i, "num-partitions": 3, "state-dir": str(tmp_path / "state")} for i in range(3)]
     fed = LocalFederation(tmp_path / "fed", nodes,
                           env_extra={"OMP_NUM_THREADS": "1", "TASKFED_CACHE": str(tmp_path / "cache")})

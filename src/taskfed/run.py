@@ -29,6 +29,7 @@ from taskfed.methods import build_method
 from taskfed.methods.base import Client, Federation
 from taskfed.model.peft_io import save_adapter
 from taskfed.runtime import Runtime
+from taskfed.runfolder import finish_out, plain, prepare_out  # noqa: F401  (re-exported)
 
 
 # ----------------------------------------------------------------------------- data
@@ -90,30 +91,10 @@ def sample_clients(ids: list[str], k: int | None, seed: int, round_idx: int) -> 
 
 
 # ----------------------------------------------------------------------------- run folder
-def _plain(obj: Any) -> Any:
-    """TOML has no null: drop None values."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items() if v is not None}
-    return obj
-
-
-def prepare_out(out_dir: Path) -> Path:
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise TaskfedError(f"{out_dir}: run folder already exists and is not empty.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-
-
-def finish_out(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        out_dir.rmdir()  # empty, checked in prepare_out
-    os.replace(tmp, out_dir)
-
-
 def write_server_side(folder: Path, cfg: RunConfig, method, metrics: dict) -> dict:
     """What the server side of any engine writes into a run folder: the resolved config, metrics.json and
     the server's adapters (PEFT format). Returns the adapters' LoRA description for client adapters."""
-    (folder / "config.toml").write_text(tomli_w.dumps(_plain(cfg.model_dump())))
+    (folder / "config.toml").write_text(tomli_w.dumps(plain(cfg.model_dump())))
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     lora = dict(base_model=cfg.model.name, r=cfg.lora.r, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules)
     for name, weights in method.server_adapters().items():
