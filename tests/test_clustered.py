@@ -95,7 +95,7 @@ def test_clustered_equals_fedavg_before_cluster_round():
         fedavg.aggregate(r, ups)
         assert same(m.global_adapter, fedavg.global_adapter)
         assert same(m.global_adapter, weighted_mean([u.weights for u in ups], [u.n_client for u in ups]))
-        assert m.groups is None and m.eval_adapters(Client("0", [])) == {"global": m.global_adapter}
+        assert m.groups is None and m.eval_adapters(Client("0", []), m.downlink("0")) == {"global": m.global_adapter}
 
 
 def clustered_round(m, r, updates: dict[str, dict], n_client=None):
@@ -123,7 +123,7 @@ def test_clustered_groups_by_update_similarity_and_averages_within_groups():
         expected = weighted_mean([by[c].weights for c in members], [by[c].n_client for c in members])
         assert same(m.group_adapters[g], expected)
         for c in members:
-            assert m.eval_adapters(Client(c, [])) == {f"group/{g}": m.group_adapters[g]}
+            assert m.eval_adapters(Client(c, []), m.downlink(c)) == {f"group/{g}": m.group_adapters[g]}
     # Round 2: a client trains its group's adapter; only group 0 uploads: group 1 keeps its weights.
     kept = m.group_adapters[1]
     jobs = m.plan(2, ["0", "2"])
@@ -180,8 +180,8 @@ def test_ifca_averages_per_cluster_and_keeps_empty_clusters():
     assert same(m.clusters[0], weighted_mean([ws[1], ws[3]], [30, 40]))
     assert m.clusters[2] is empty
     assert m.membership == {"0": 1, "1": 0, "2": 1, "3": 0}
-    names = list(m.eval_adapters(Client("2", [])))
-    mix = m.route(Client("2", []), [Record("x", "y", "a")] * 2, names, rt=None)
+    names = list(m.eval_adapters(Client("2", []), m.downlink("2")))
+    mix = m.route(Client("2", []), [Record("x", "y", "a")] * 2, names, None, m.downlink("2"))
     assert [names[int(i)] for i in mix.idx[:, 0]] == ["cluster/1", "cluster/1"]
     assert m.eval_report("local", [])["cluster_sizes"] == [2, 2, 0]
 
@@ -219,8 +219,8 @@ def test_ifca_picks_the_lowest_loss_adapter_on_the_engine_path(tiny_runtime_fact
     assert same(m.clusters[1], weighted_mean([r.weights for r in results], [8, 8]))
     # A client the server never saw picks on its own side, with the same rule.
     fresh = Client("9", words("upper", 8, 40))
-    names = list(m.eval_adapters(fresh))
-    mix = m.route(fresh, words("upper", 2, 60), names, rt)
+    names = list(m.eval_adapters(fresh, m.downlink(fresh.id)))
+    mix = m.route(fresh, words("upper", 2, 60), names, rt, m.downlink(fresh.id))
     assert names[int(mix.idx[0, 0])] == "cluster/1"
 
 

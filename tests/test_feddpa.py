@@ -236,9 +236,9 @@ def test_each_row_of_a_batch_gets_its_own_weights(mixing_setup):
     rt, client, global_adapter = mixing_setup
     method = _method(rt, global_adapter)
     records = [Record(IN_DOMAIN, "RIVER", "upper"), Record(OUT_OF_DOMAIN, "5", "count")]
-    adapters = method.eval_adapters(client)
+    adapters = method.eval_adapters(client, method.downlink(client.id))
     names = list(adapters)
-    mix = method.route(client, records, names, rt)
+    mix = method.route(client, records, names, rt, method.downlink(client.id))
     assert mix.idx.shape == (2, 2) and mix.idx.tolist() == [[0, 1], [0, 1]]  # (global, local) on every row
     assert torch.allclose(mix.w.sum(1), torch.ones(2))
     assert abs(float(mix.w[0, 1] - mix.w[1, 1])) > 1e-3  # different weights on the two rows
@@ -260,9 +260,9 @@ def test_extreme_weights_equal_one_adapter_alone(mixing_setup):
     records = [Record(IN_DOMAIN, "RIVER", "upper"), Record(OUT_OF_DOMAIN, "5", "count")]
     for w_local, alone_name in ((0.0, "global"), (1.0, "local")):
         method = _method(rt, global_adapter, weighting="fixed", w_fixed=w_local)
-        adapters = method.eval_adapters(client)
+        adapters = method.eval_adapters(client, method.downlink(client.id))
         names = list(adapters)
-        mix = method.route(client, records, names, rt)
+        mix = method.route(client, records, names, rt, method.downlink(client.id))
         rt.load_slots([adapters[n] for n in names])
         prompts = [prompt_ids(rt, r.instruction, 6) for r in records]
         mixed = _logits(rt, prompts, mix)

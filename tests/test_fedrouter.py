@@ -20,7 +20,7 @@ from taskfed.clustering import clustering_accuracy
 from taskfed.data.records import Record
 from taskfed.errors import TaskfedError
 from taskfed.methods import METHODS, method_params
-from taskfed.methods.base import Client, Federation, Result, label_rows
+from taskfed.methods.base import Client, Federation, Result, Routed, label_rows
 from taskfed.methods.fedrouter import CENTROIDS, LABELS
 from taskfed.run import run_experiment
 
@@ -230,7 +230,7 @@ def test_router_sends_input_to_nearest_global_centroid_and_local_router_restrict
         m, a, b, c = three_cluster_method(router=router)
         letter = {a: "A", b: "B", c: "C"}
         names = [f"cluster/{g}" for g in (2, 0, 1)]  # any order: the mix indexes into `names`
-        mix = m.route(Client("0", []), records, names, rt)  # client 0 holds local clusters bound to A and B
+        mix = m.route(Client("0", []), records, names, rt, m.downlink("0"))  # client 0 holds local clusters bound to A and B
         picked = "".join(letter[int(names[int(i)].split("/")[1])] for i in mix.idx[:, 0])
         assert picked == expected, router
         assert torch.all(mix.w == 1)
@@ -253,10 +253,11 @@ def test_oracle_router_picks_the_majority_cluster_of_the_true_task():
     picks = {}
     for router in ("global", "oracle"):
         m, rt, clients, uploads = oracle_setup(router)
-        names = list(m.eval_adapters(clients["0"]))
-        mix = m.route(clients["0"], [tricky, plain], names, rt)
+        names = list(m.eval_adapters(clients["0"], m.downlink("0")))
+        mix = m.route(clients["0"], [tricky, plain], names, rt, m.downlink("0"))
         picks[router] = [int(names[int(i)].split("/")[1]) for i in mix.idx[:, 0]]
-        report = m.eval_report("global", [(c, [tricky, plain], mix, names) for c in clients.values()])
+        report = m.eval_report("global", [Routed(c.id, [tricky.task, plain.task], names, mix, m.eval_facts(c))
+                                           for c in clients.values()])
         upper_cluster = int(np.argmax([report["cluster_makeup"][str(g)]["upper"] for g in range(2)]))
         assert report["cluster_makeup"][str(upper_cluster)]["count"] == 0  # clusters follow tasks
         assert ("task_counts" in uploads["0"]) == (router == "oracle")  # oracle-only information
@@ -445,8 +446,8 @@ def test_fedrouter_embed_layers_reaches_clustering_and_router(tiny_runtime_facto
             np.testing.assert_allclose(upload["centroids"][k], emb[labels == k].mean(0), rtol=1e-5, atol=1e-6)
         m.setup_server({"0": upload})
         test = [Record("Write the word in capitals: zebra", "ZEBRA", "upper")]
-        names = list(m.eval_adapters(client))
-        mix = m.route(client, test, names, rt)
+        names = list(m.eval_adapters(client, m.downlink("0")))
+        mix = m.route(client, test, names, rt, m.downlink("0"))
         want = int(np.argmin(np.linalg.norm(m.centroids - rt.embed([test[0].instruction], layers=1).double().numpy(), axis=1)))
         assert names[int(mix.idx[0, 0])] == f"cluster/{want}"
     assert {d for d, _ in rt._embedded} == {1}  # nothing computed at full depth

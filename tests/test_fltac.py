@@ -20,7 +20,7 @@ from taskfed.clustering import canonical, clustering_accuracy, flatten, kmeans_a
 from taskfed.data.records import Record
 from taskfed.errors import TaskfedError
 from taskfed.methods import METHODS, method_params
-from taskfed.methods.base import Client, Federation, Job, Result, weighted_mean
+from taskfed.methods.base import Client, Federation, Job, Result, Routed, weighted_mean
 from taskfed.methods.fltac import INDEX, TASKS
 from taskfed.run import run_experiment
 
@@ -246,18 +246,18 @@ def routed_method(**params):
 def test_known_task_uses_its_adapter_and_others_go_to_the_nearest_centroid():
     m, clients, rt, home = routed_method()
     client = clients["0"]
-    names = list(m.eval_adapters(client))
+    names = list(m.eval_adapters(client, m.downlink(client.id)))
     assert names == ["task/0", "cluster/0", "cluster/1"]
     records = [upper(50), count(50), Record("Something unlike both", "x", "unseen")]
-    mix = m.route(client, records, names, rt)
+    mix = m.route(client, records, names, rt, m.downlink(client.id))
     picked = [names[int(i)] for i in mix.idx[:, 0]]
     assert picked[0] == "task/0"  # the client holds `upper`: its own task adapter
     assert picked[1] == f"cluster/{home['count']}"  # not held: the router, to the count cluster
     assert picked[2].startswith("cluster/")
     # With known_tasks = "router", every input is routed, the known ones too.
     m2, clients2, rt2, home2 = routed_method(known_tasks="router")
-    names2 = list(m2.eval_adapters(clients2["0"]))
-    mix2 = m2.route(clients2["0"], records[:2], names2, rt2)
+    names2 = list(m2.eval_adapters(clients2["0"], m2.downlink("0")))
+    mix2 = m2.route(clients2["0"], records[:2], names2, rt2, m2.downlink("0"))
     assert [names2[int(i)] for i in mix2.idx[:, 0]] == [f"cluster/{home2['upper']}", f"cluster/{home2['count']}"]
 
 
@@ -266,8 +266,9 @@ def test_eval_report_has_per_round_accuracy_and_router_accuracy():
     routed = []
     for cid in sorted(clients):
         records = [upper(60), count(60)]
-        names = list(m.eval_adapters(clients[cid]))
-        routed.append((clients[cid], records, m.route(clients[cid], records, names, rt), names))
+        names = list(m.eval_adapters(clients[cid], m.downlink(cid)))
+        mix = m.route(clients[cid], records, names, rt, m.downlink(cid))
+        routed.append(Routed(cid, [r.task for r in records], names, mix, m.eval_facts(clients[cid])))
     report = m.eval_report("global", routed)
     assert report["clustering_accuracy_per_round"] == [1.0] and report["clustering_accuracy"] == 1.0
     assert report["router_rows"] == 2 and report["router_accuracy"] == 1.0  # client 0: count, client 1: upper
@@ -299,8 +300,6 @@ def test_fltac_end_to_end_records_clustering_accuracy(two_tasks, tiny_runtime_fa
         assert len(ev["clustering_accuracy_per_round"]) == 2
         assert all(0.5 <= a <= 1.0 for a in ev["clustering_accuracy_per_round"])
         assert ev["router_rows"] == 0  # iid: every client holds both tasks, so no input needs the router
-    # Every round's record carries its clustering accuracy (all clients take part in both rounds here).
-    assert [r["clustering_accuracy"] for r in saved["rounds"]] == saved["eval"]["global"]["clustering_accuracy_per_round"]
     assert sorted(p.name for p in (tmp_path / "run" / "adapters" / "server").iterdir()) == ["cluster_0", "cluster_1"]
 
 

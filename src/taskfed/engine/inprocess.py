@@ -1,5 +1,9 @@
 """The in-process engine: every client on one machine, one loaded base model, jobs run one by one or
-packed several per batch on the adapter bank. It knows nothing of a particular method.
+packed several per batch on the adapter bank. It knows nothing of a particular method (engine/__init__.py).
+
+The method's client side runs on an instance of the engine's own, built from the federation's public facts
+in `attach` (never the server's object). A Flower node runs its client through this same class, holding a
+one-client population, so a node trains and evaluates exactly what this engine would for that client.
 
 What crosses the client/server line is counted in bytes: adapters sent down with a job (once per client
 and round, however many of its jobs share them), adapters uploaded, and arrays returned by client setup.
@@ -9,16 +13,20 @@ from __future__ import annotations
 
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Iterator
+from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
 from taskfed.config import RunConfig
-from taskfed.methods.base import Client, Job, LocalRef, Method, Result
+from taskfed.engine import ClientInfo, Roster, RoundStats
 from taskfed.errors import TaskfedError
+from taskfed.evaluation.evaluate import ClientEval, evaluate_client
 from taskfed.memory import release_memory
-from taskfed.model.peft_io import check_weights, n_bytes
+from taskfed.methods import build_method
+from taskfed.methods.base import Client, Downlink, Federation, Job, LocalRef, Method, Result
+from taskfed.model.peft_io import check_weights, n_bytes, save_adapter
+from taskfed.population import Population
 from taskfed.runtime import Runtime
 from taskfed.training import PackTimes, TrainSpec, adapter_losses, cosine_lr, sample_order, train_pack
 
@@ -41,19 +49,34 @@ def downlink_bytes(jobs: list[Job]) -> int:
     return total
 
 
-@dataclass
-class RoundStats:
-    bytes_up: int = 0
-    bytes_down: int = 0
-    loss: float = float("nan")
-    compute_seconds: float = 0.0  # forward, backward and optimizer steps (the rest is engine overhead)
-    tokens: int = 0
-    dropped: dict[str, str] = field(default_factory=dict)  # "client/adapter" -> why its upload was refused
-
-
 class InProcessEngine:
-    def __init__(self, rt: Runtime, clients: dict[str, Client], cfg: RunConfig):
-        self.rt, self.clients, self.cfg = rt, clients, cfg
+    def __init__(self, rt: Runtime, pop: Population | dict[str, Client], cfg: RunConfig,
+                 gen_cache: dict | None = None, log: Callable[[str], None] = lambda s: None):
+        if isinstance(pop, dict):  # clients only (to run jobs): no tasks, no test rows
+            pop = Population(pop, [], [], {}, {})
+        # gen_cache: generations keyed by (prompt, adapter fingerprints and weights, budget); a bench passes
+        # one dict to every run on the same runtime so that identical (adapter, input) pairs generate once.
+        self.rt, self.pop, self.cfg, self.log = rt, pop, cfg, log
+        self.clients: dict[str, Client] = pop.clients
+        self.gen_cache = {} if gen_cache is None else gen_cache
+        self.client_side: Method | None = None  # the method's client hooks, from `attach`
+        self._budgets: dict[str, int] | None = None
+
+    # ----------------------------------------------------------------- the federation
+    def connect(self) -> Roster:
+        return Roster({cid: ClientInfo(len(c.records), c.tasks) for cid, c in sorted(self.clients.items())},
+                      list(self.pop.seen), list(self.pop.unseen))
+
+    def init_adapter(self):
+        return self.rt.init_adapter()
+
+    def attach(self, fed: Federation) -> Method:
+        """The method's client side: a fresh instance from the federation's public facts and the config."""
+        self.client_side = build_method(self.cfg.method, fed)
+        return self.client_side
+
+    def close(self) -> None:
+        pass
 
     # ----------------------------------------------------------------- client side of a job
     def _spec(self, job: Job, round_idx: int) -> tuple[TrainSpec, int, int | None]:
@@ -157,14 +180,41 @@ class InProcessEngine:
         return Result(job=job, weights=weights if job.upload else None, n_rows=n_rows,
                       n_client=len(client.records), loss=loss, chosen=chosen)
 
-    def setup(self, method: Method) -> int:
-        """Runs the method's client setup on every client and hands the arrays to the server; bytes up."""
+    def setup(self, fed: Federation) -> tuple[dict[str, dict[str, np.ndarray]], int]:
+        """Runs the method's client setup on every client: the arrays each returns (for the server) and
+        their bytes."""
+        method = self.attach(fed)
         uploads, up = {}, 0
         for cid in sorted(self.clients):
             out = method.setup_client(self.clients[cid], self.rt)
             if out is not None:
                 uploads[cid] = out
                 up += sum(np.asarray(v).nbytes for v in out.values())
-        if uploads:
-            method.setup_server(uploads)
-        return up
+        return uploads, up
+
+    # ----------------------------------------------------------------- evaluation
+    def budgets(self) -> dict[str, int]:
+        """The answer budget (new tokens) per task, computed once."""
+        if self._budgets is None:
+            from taskfed.population import answer_budgets
+
+            self._budgets = answer_budgets(self.pop, self.rt.n_answer_tokens, self.cfg.eval.max_new_tokens)
+        return self._budgets
+
+    def evaluate(self, mode: str, asks: dict[str, list[str]],
+                 downlink: Callable[[str], Downlink]) -> tuple[dict[str, ClientEval], dict[str, str]]:
+        """Each asked client evaluates its rows of the asked tasks (tasks without test rows are skipped; a
+        client with none is not evaluated) under what the server sends it. Nothing is dropped here."""
+        out = {}
+        for cid in sorted(asks):
+            records = [r for t in asks[cid] for r in self.pop.test_by_task.get(t, [])]
+            if records:
+                out[cid] = evaluate_client(self.rt, self.client_side, self.clients[cid], records, downlink(cid),
+                                           self.budgets(), self.gen_cache, self.log, mode)
+        return out, {}
+
+    def save_client_adapters(self, folder: Path, lora: dict) -> None:
+        """Client-owned adapters (never sent to the server) under adapters/clients/<id>/ in the run folder."""
+        for cid, client in sorted(self.clients.items()):
+            for name, weights in self.client_side.client_adapters(client).items():
+                save_adapter(weights, Path(folder) / "adapters" / "clients" / cid / name.replace("/", "_"), **lora)

@@ -5,9 +5,16 @@ or Flower) runs them where the client's data lives and returns results; the serv
 State that belongs to a client (a local adapter, local cluster labels) lives in that client's `store`,
 which only the method's *client-side* hooks touch; the server side sees only what results carry.
 
-Server side:  plan(round, clients) -> [Job]     aggregate(round, results in plan order)     server_adapters()
+Server side:  setup_server(uploads)     plan(round, clients) -> [Job]     aggregate(round, results in plan order)
+              server_adapters()     downlink(client) -> Downlink (what a client is sent for evaluation)
+              eval_report(mode, [Routed]) -> metrics.json extras, from what the clients reported
 Client side:  setup_client(client, rt) -> arrays for the server (optional, before round 0)
-              eval_adapters(client) -> {name: weights}     route(client, records, names, rt) -> RowMix
+              eval_adapters(client, sent) -> {name: weights}     route(client, records, names, rt, sent) -> RowMix
+              eval_facts(client) -> arrays for the evaluation's bookkeeping     client_adapters(client)
+
+The client side of a method reads nothing but its client and what was sent to it (a Job, a Downlink, the
+Federation's public facts): an engine runs it on an instance of its own (a Flower node builds a fresh one),
+never on the server's object.
 """
 
 from __future__ import annotations
@@ -127,6 +134,31 @@ class Federation:
     lr_min: float = 1e-5
 
 
+@dataclass
+class Downlink:
+    """What the server sends one client for evaluation: adapters by name and plain arrays (e.g. FedRouter's
+    global centroids and the client's bindings)."""
+
+    adapters: dict[str, AdapterWeights] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class Routed:
+    """What one client reports of its evaluation for the method's bookkeeping (never the texts): the true
+    task of each evaluated row, the adapter names its mix indexes, the per-row mix, and `eval_facts`."""
+
+    client: str
+    tasks: list[str]
+    names: list[str]
+    mix: RowMix
+    facts: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def picked(self) -> list[str]:
+        """The adapter of each row's first term (the routed adapter for one-hot routing)."""
+        return [self.names[int(i)] for i in self.mix.idx[:, 0].tolist()]
+
+
 class Method:
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]] = NoParams
@@ -157,29 +189,43 @@ class Method:
     def setup_server(self, uploads: dict[str, dict[str, np.ndarray]]) -> None:
         """Receives what setup_client returned, per client (e.g. FedRouter's local centroids)."""
 
+    def downlink(self, client_id: str) -> Downlink:
+        """What the server sends `client_id` for evaluation. Default: every adapter the server holds."""
+        return Downlink(adapters=self.server_adapters())
+
     # ---- client side
     def setup_client(self, client: Client, rt) -> dict[str, np.ndarray] | None:
         """Runs on each client before round 0; what it returns travels to the server as arrays."""
         return None
 
-    def eval_adapters(self, client: Client) -> dict[str, AdapterWeights]:
-        raise NotImplementedError
+    def eval_adapters(self, client: Client, sent: Downlink) -> dict[str, AdapterWeights]:
+        """The adapters the client evaluates with: by default what it was sent."""
+        return dict(sent.adapters)
 
-    def route(self, client: Client, records: list[Record], names: list[str], rt) -> RowMix:
+    def route(self, client: Client, records: list[Record], names: list[str], rt, sent: Downlink) -> RowMix:
         """Per-row mix over `names` (indices into that list). Default: everything to the first adapter."""
         return RowMix.one_hot([0] * len(records))
+
+    def eval_facts(self, client: Client) -> dict[str, np.ndarray]:
+        """Evaluation bookkeeping the client reports with its scores (e.g. how many rows of each task its
+        local clusters hold): joined with true labels, which the method itself never uses."""
+        return {}
 
     def client_adapters(self, client: Client) -> dict[str, AdapterWeights]:
         """The client-owned adapters worth saving at the end of a run (never sent to the server)."""
         return {}
 
-    def round_report(self, round_idx: int, clients: dict[str, Client]) -> dict[str, Any]:
-        """Extra entries for the round's record in metrics.json, after aggregation (evaluation bookkeeping:
-        it may join in the clients' true labels, which the method itself never uses)."""
+    def round_report(self, round_idx: int) -> dict[str, Any]:
+        """Extra entries for the round's record in metrics.json, after aggregation (server state only)."""
         return {}
 
-    def eval_report(self, mode: str, routed: list[tuple[Client, list[Record], RowMix, list[str]]]) -> dict[str, Any]:
-        """Extra entries for metrics.json's eval[mode] (e.g. router accuracy)."""
+    def check_report(self, rep: Routed) -> str | None:
+        """Why a client's evaluation report cannot be used by `eval_report` (None: it can). The report comes
+        from a node: the server checks it before it trusts it, as it checks uploads."""
+        return None
+
+    def eval_report(self, mode: str, routed: list[Routed]) -> dict[str, Any]:
+        """Extra entries for metrics.json's eval[mode] (e.g. router accuracy), from the clients' reports."""
         return {}
 
 

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from taskfed.clustering import cosine_similarity, ward_labels
 from taskfed.errors import TaskfedError
-from taskfed.methods.base import Client, Job, Method, Result, group_means
+from taskfed.methods.base import Downlink, Job, Method, Result, group_means
 from taskfed.model.bank import AdapterWeights
 
 
@@ -125,12 +125,12 @@ class ClusteredFL(Method):
             return {"global": self.global_adapter}
         return {f"group/{g}": w for g, w in enumerate(self.group_adapters)}
 
-    # ---------------------------------------------------------------- client
-    def eval_adapters(self, client: Client) -> dict[str, AdapterWeights]:
+    def downlink(self, client_id: str) -> Downlink:
+        """The client's group adapter (the global one before the clustering)."""
         if self.groups is None:
-            return {"global": self.global_adapter}
-        g = self.groups[client.id]
-        return {f"group/{g}": self.group_adapters[g]}
+            return Downlink(adapters={"global": self.global_adapter})
+        g = self.groups[client_id]
+        return Downlink(adapters={f"group/{g}": self.group_adapters[g]})
 
     def eval_report(self, mode: str, routed) -> dict[str, Any]:
         return {"clustered_at": self.clustered_at,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from taskfed.methods.base import Client, Job, Method, RunningMean
+from taskfed.methods.base import Job, Method, RunningMean
 
 
 class FedAvg(Method):
@@ -25,7 +25,4 @@ class FedAvg(Method):
             self.global_adapter = mean.mean()
 
     def server_adapters(self):
-        return {"global": self.global_adapter}
-
-    def eval_adapters(self, client: Client):
         return {"global": self.global_adapter}

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from taskfed.data.records import Record
-from taskfed.methods.base import Client, Job, LocalRef, Method, RunningMean
+from taskfed.methods.base import Client, Downlink, Job, LocalRef, Method, RunningMean
 from taskfed.model.bank import AdapterWeights, RowMix
 
 LOCAL = "feddpa_local"  # the client's store key of its local adapter
@@ -110,8 +110,8 @@ class _FedDPA(Method):
         # adds nothing to the layer output.
         return client.resolve(LocalRef(LOCAL, self.fed.init_adapter))
 
-    def eval_adapters(self, client: Client) -> dict[str, AdapterWeights]:
-        return {"global": self.global_adapter, "local": self._local(client)}
+    def eval_adapters(self, client: Client, sent: Downlink) -> dict[str, AdapterWeights]:
+        return {"global": sent.adapters["global"], "local": self._local(client)}
 
     def client_adapters(self, client: Client) -> dict[str, AdapterWeights]:
         return {"local": client.store[LOCAL]} if LOCAL in client.store else {}
@@ -169,7 +169,7 @@ class _FedDPA(Method):
             return p.w_max * s
         return 1.0 - p.w_max * s  # official: the similarity weights the global adapter
 
-    def route(self, client: Client, records: list[Record], names: list[str], rt) -> RowMix:
+    def route(self, client: Client, records: list[Record], names: list[str], rt, sent: Downlink) -> RowMix:
         """Two terms per row, (global, local), with that row's own weights."""
         g, l = names.index("global"), names.index("local")
         w_local = self.local_weights(client, records, rt)
@@ -180,12 +180,12 @@ class _FedDPA(Method):
         """Per client: w_local's mean / min / max, its mean per task, and the per-row list (row order of the
         evaluation: the client's tasks in turn); w_global = 1 - w_local."""
         per_client = {}
-        for client, records, mix, names in routed:
-            w_local = (mix.w * (mix.idx == names.index("local"))).sum(dim=1).tolist()
+        for rep in routed:
+            w_local = (rep.mix.w * (rep.mix.idx == rep.names.index("local"))).sum(dim=1).tolist()
             by_task: dict[str, list[float]] = {}
-            for r, w in zip(records, w_local):
-                by_task.setdefault(r.task, []).append(w)
-            per_client[client.id] = {
+            for task, w in zip(rep.tasks, w_local):
+                by_task.setdefault(task, []).append(w)
+            per_client[rep.client] = {
                 "w_local_mean": float(np.mean(w_local)) if w_local else None,
                 "w_local_min": float(np.min(w_local)) if w_local else None,
                 "w_local_max": float(np.max(w_local)) if w_local else None,

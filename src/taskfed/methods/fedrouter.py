@@ -58,7 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from taskfed.clustering import kmeans_adapters, kmeans_labels as kmeans, nearest
 from taskfed.data.records import Record
 from taskfed.errors import TaskfedError
-from taskfed.methods.base import Client, Job, Method, Result, group_means, label_rows
+from taskfed.methods.base import Client, Downlink, Job, Method, Result, Routed, group_means, label_rows
 from taskfed.model.bank import AdapterWeights, RowMix
 
 LABELS = "fedrouter_labels"  # client store: local cluster label per training row (int array)
@@ -216,69 +216,76 @@ class FedRouter(Method):
         return {f"cluster/{g}": w for g, w in enumerate(self.adapters)}
 
     # ================================================================== 5. router (client)
-    def broadcast(self, client_id: str) -> dict[str, np.ndarray]:
-        """What the server sends a client for routing, as arrays: the global centroids, the global cluster
-        bound to each of the client's local clusters, and (oracle router only) each seen task's majority
-        global cluster (-1 where no training row of the task is bound anywhere)."""
-        sent = {"centroids": self.centroids, "bound": np.asarray(self.binding[client_id])}
+    def downlink(self, client_id: str) -> Downlink:
+        """What the server sends a client for evaluation: every global cluster's adapter, and as arrays the
+        global centroids, the global cluster bound to each of the client's local clusters, and (oracle
+        router only) each seen task's majority global cluster (-1 where no training row of it is bound)."""
+        sent = Downlink(adapters=self.server_adapters(),
+                        arrays={"centroids": self.centroids, "bound": np.asarray(self.binding[client_id])})
         if self.params.router == "oracle":
             makeup = np.zeros((self.n_global, len(self.fed.tasks)), dtype=np.int64)
             for c, counts in self.task_counts.items():
                 for k, row in enumerate(counts):
                     makeup[int(self.binding[c][k])] += row
-            sent["task_cluster"] = majority(makeup)
+            sent.arrays["task_cluster"] = majority(makeup)
         return sent
 
-    def eval_adapters(self, client: Client) -> dict[str, AdapterWeights]:
-        return {f"cluster/{g}": w for g, w in enumerate(self.adapters)}
-
-    def route(self, client: Client, records: list[Record], names: list[str], rt) -> RowMix:
-        sent = self.broadcast(client.id)
+    def route(self, client: Client, records: list[Record], names: list[str], rt, sent: Downlink) -> RowMix:
+        centroids = sent.arrays["centroids"]
         emb = self.embed(rt, [r.instruction for r in records])
         if self.params.router == "local":
-            allowed = np.unique(sent["bound"])
+            allowed = np.unique(sent.arrays["bound"])
         else:
-            allowed = np.arange(len(sent["centroids"]))
-        chosen = allowed[nearest(emb, sent["centroids"][allowed])] if len(records) else np.zeros(0, dtype=int)
+            allowed = np.arange(len(centroids))
+        chosen = allowed[nearest(emb, centroids[allowed])] if len(records) else np.zeros(0, dtype=int)
         if self.params.router == "oracle":
             # The input's true task is read here: that is what makes it an oracle. Tasks with no
             # training rows (unseen) have no majority cluster and keep the nearest centroid.
             column = {t: j for j, t in enumerate(self.fed.tasks)}
             for i, r in enumerate(records):
-                g = sent["task_cluster"][column[r.task]] if r.task in column else -1
+                g = sent.arrays["task_cluster"][column[r.task]] if r.task in column else -1
                 if g >= 0:
                     chosen[i] = g
-        slot = {f"cluster/{g}": names.index(f"cluster/{g}") for g in range(self.n_global)}
+        slot = {f"cluster/{g}": names.index(f"cluster/{g}") for g in range(len(centroids))}
         return RowMix.one_hot([slot[f"cluster/{int(g)}"] for g in chosen])
 
     # ================================================================== reporting
-    def eval_report(self, mode: str, routed: list[tuple[Client, list[Record], RowMix, list[str]]]) -> dict[str, Any]:
+    def eval_facts(self, client: Client) -> dict[str, np.ndarray]:
+        """Rows of each seen task per local cluster (evaluation bookkeeping: the global clusters' make-up)."""
+        labels = np.asarray(client.store[LABELS])
+        return {"label_task_counts": self.label_task_counts(client, labels, len(client.store[CENTROIDS]))}
+
+    def check_report(self, rep: Routed) -> str | None:
+        counts = rep.facts.get("label_task_counts")
+        want = (len(self.binding.get(rep.client, [])), len(self.fed.tasks))
+        if counts is None or counts.shape != want or counts.dtype.kind not in "iu" or (counts < 0).any():
+            return f"label_task_counts must be {want[0]} x {want[1]} non-negative integers"
+        if any(not (n.startswith("cluster/") and n[8:].isdigit() and int(n[8:]) < self.n_global) for n in rep.picked()):
+            return "a row was routed to an adapter that is not a global cluster"
+        return None
+
+    def eval_report(self, mode: str, routed: list[Routed]) -> dict[str, Any]:
         """router_accuracy (share of inputs sent to their true task's majority cluster), the confusion of
         true task x chosen global cluster, the task make-up of each global cluster, and the binding.
 
         Evaluation bookkeeping, not part of the method: the make-up is counted from the evaluated clients'
-        own cluster labels and task labels (the training rows each global cluster is trained on)."""
+        reported rows per (local cluster, task) (the training rows each global cluster is trained on)."""
         tasks = list(self.fed.tasks)
         makeup = np.zeros((self.n_global, len(tasks)), dtype=np.int64)
-        seen_clients = {}
-        for client, _, _, _ in routed:
-            seen_clients[client.id] = client
-        for cid in sorted(seen_clients):
-            client = seen_clients[cid]
-            labels = np.asarray(client.store[LABELS])
-            counts = self.label_task_counts(client, labels, len(self.binding[cid]))
-            for k, row in enumerate(counts):
+        reported = {rep.client: rep.facts["label_task_counts"] for rep in routed}
+        for cid in sorted(reported):
+            for k, row in enumerate(reported[cid]):
                 makeup[int(self.binding[cid][k])] += row
         task_cluster = dict(zip(tasks, majority(makeup)))
         confusion: dict[str, list[int]] = {}
         hits = total = 0
-        for client, records, mix, names in routed:
-            picked = [int(names[int(i)].split("/")[1]) for i in mix.idx[:, 0]]
-            for r, g in zip(records, picked):
-                confusion.setdefault(r.task, [0] * self.n_global)[g] += 1
-                if task_cluster.get(r.task, -1) >= 0:
+        for rep in routed:
+            picked = [int(name.split("/")[1]) for name in rep.picked()]
+            for task, g in zip(rep.tasks, picked):
+                confusion.setdefault(task, [0] * self.n_global)[g] += 1
+                if task_cluster.get(task, -1) >= 0:
                     total += 1
-                    hits += int(g == task_cluster[r.task])
+                    hits += int(g == task_cluster[task])
         return {
             "router": self.params.router,
             "router_accuracy": hits / total if total else None,

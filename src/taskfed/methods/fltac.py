@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from taskfed.clustering import cluster_means, clustering_accuracy, kmeans_adapters, nearest
 from taskfed.data.records import Record
 from taskfed.errors import TaskfedError
-from taskfed.methods.base import Client, Job, Method, Result, label_rows
+from taskfed.methods.base import Client, Downlink, Job, Method, Result, Routed, label_rows
 from taskfed.model.bank import AdapterWeights, RowMix
 
 TASKS = "fltac_tasks"  # client store: the client's task names; position = the opaque local index
@@ -126,22 +126,33 @@ class FLTAC(Method):
     def server_adapters(self) -> dict[str, AdapterWeights]:
         return {f"cluster/{g}": w for g, w in enumerate(self.cluster_adapters)}
 
-    # ================================================================== client: evaluation
-    def eval_adapters(self, client: Client) -> dict[str, AdapterWeights]:
-        own = {f"task/{k}": self.adapters[(client.id, k)] for k in range(self.n_adapters.get(client.id, 0))}
-        return own | {f"cluster/{g}": w for g, w in enumerate(self.cluster_adapters)}
+    def downlink(self, client_id: str) -> Downlink:
+        """The client's own task adapters (as clustered last) and, for its router, the final K cluster
+        adapters with their centroids."""
+        own = {f"task/{k}": self.adapters[(client_id, k)] for k in range(self.n_adapters.get(client_id, 0))}
+        sent = Downlink(adapters=own | self.server_adapters())
+        if self.router_centroids is not None:
+            sent.arrays["centroids"] = self.router_centroids
+        return sent
 
-    def route(self, client: Client, records: list[Record], names: list[str], rt) -> RowMix:
+    # ================================================================== client: evaluation
+    def route(self, client: Client, records: list[Record], names: list[str], rt, sent: Downlink) -> RowMix:
         own = {t: k for k, t in enumerate(client.store.get(TASKS, []))} if self.params.known_tasks == "adapter" else {}
         slots: list[int | None] = [names.index(f"task/{own[r.task]}") if r.task in own else None for r in records]
         rest = [i for i, s in enumerate(slots) if s is None]
         if rest:
-            if self.router_centroids is None:
+            if "centroids" not in sent.arrays:
                 raise TaskfedError("fltac: the router needs at least one round of clustering.")
             emb = rt.embed([records[i].instruction for i in rest]).double().numpy()
-            for i, g in zip(rest, nearest(emb, self.router_centroids)):
+            for i, g in zip(rest, nearest(emb, sent.arrays["centroids"])):
                 slots[i] = names.index(f"cluster/{int(g)}")
         return RowMix.one_hot(slots)
+
+    def eval_facts(self, client: Client) -> dict[str, np.ndarray]:
+        """The true task of each local index, as a position in the federation's tasks (-1: not a seen task):
+        the bookkeeping's ground truth for the server's clusters (evaluation only)."""
+        column = {t: j for j, t in enumerate(self.fed.tasks)}
+        return {"task_of_index": np.array([column.get(t, -1) for t in client.store.get(TASKS, [])], dtype=np.int64)}
 
     # ================================================================== bookkeeping
     def round_accuracy(self, truth: dict[tuple[str, int], str], round_pos: int = -1) -> float | None:
@@ -150,16 +161,19 @@ class FLTAC(Method):
         pairs = [(g, truth[i]) for i, g in zip(rec["ids"], rec["labels"]) if i in truth]
         return clustering_accuracy(*zip(*pairs)) if pairs else None
 
-    def round_report(self, round_idx: int, clients: dict[str, Client]) -> dict[str, Any]:
-        """This round's clustering accuracy against the true tasks of every client's adapters."""
-        truth = {(c.id, k): t for c in clients.values() for k, t in enumerate(c.store.get(TASKS, []))}
-        return {"clustering_accuracy": self.round_accuracy(truth)} if self.history else {}
+    def check_report(self, rep: Routed) -> str | None:
+        truth = rep.facts.get("task_of_index")
+        n = self.n_adapters.get(rep.client, 0)
+        if truth is None or truth.shape != (n,) or truth.dtype.kind not in "iu" or (truth >= len(self.fed.tasks)).any():
+            return f"task_of_index must be {n} task positions"
+        return None
 
-    def eval_report(self, mode: str, routed: list[tuple[Client, list[Record], RowMix, list[str]]]) -> dict[str, Any]:
+    def eval_report(self, mode: str, routed: list[Routed]) -> dict[str, Any]:
         """Per-round clustering accuracy, the final clusters' task make-up, and the router's accuracy (share of
         router-routed rows sent to the final cluster holding most adapters of the row's true task). The true
-        tasks of the ids come from the evaluated clients' stores (evaluation only)."""
-        truth = {(client.id, k): t for client, _, _, _ in routed for k, t in enumerate(client.store.get(TASKS, []))}
+        tasks of the ids come from the evaluated clients' reports (evaluation only)."""
+        truth = {(rep.client, k): self.fed.tasks[int(j)] for rep in routed
+                 for k, j in enumerate(rep.facts["task_of_index"]) if j >= 0}
         per_round = [self.round_accuracy(truth, i) for i in range(len(self.history))]
         out: dict[str, Any] = {"clustering_accuracy_per_round": per_round,
                                "clustering_accuracy": per_round[-1] if per_round else None}
@@ -174,15 +188,14 @@ class FLTAC(Method):
         for task in sorted({t for m in makeup.values() for t in m}):
             home[task] = max(makeup, key=lambda g: (makeup[g].get(task, 0), -g))
         hits = total = routed_rows = 0
-        for _, records, mix, names in routed:
-            for r, slot in zip(records, mix.idx[:, 0].tolist()):
-                name = names[int(slot)]
+        for rep in routed:
+            for task, name in zip(rep.tasks, rep.picked()):
                 if not name.startswith("cluster/"):
                     continue
                 routed_rows += 1
-                if r.task in home:
+                if task in home:
                     total += 1
-                    hits += int(int(name.split("/")[1]) == home[r.task])
+                    hits += int(int(name.split("/")[1]) == home[task])
         out.update({"router_rows": routed_rows, "router_accuracy": hits / total if total else None,
                     "cluster_makeup": {str(g): dict(sorted(m.items())) for g, m in makeup.items()}})
         return out

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from taskfed.methods.base import Client, Job, Method, RunningMean
+from taskfed.methods.base import Client, Downlink, Job, Method, RunningMean
 from taskfed.model.bank import AdapterWeights, RowMix
 from taskfed.training import adapter_losses, sample_order
 
@@ -80,19 +80,26 @@ class IFCA(Method):
     def server_adapters(self) -> dict[str, AdapterWeights]:
         return {f"cluster/{g}": w for g, w in enumerate(self.clusters)}
 
-    # ---------------------------------------------------------------- client
-    def eval_adapters(self, client: Client) -> dict[str, AdapterWeights]:
-        return {f"cluster/{g}": w for g, w in enumerate(self.clusters)}
+    def downlink(self, client_id: str) -> Downlink:
+        """Every cluster adapter, and the cluster the client picked last (if it ever trained)."""
+        sent = Downlink(adapters=self.server_adapters())
+        if client_id in self.membership:
+            sent.arrays["picked"] = np.array([self.membership[client_id]], dtype=np.int64)
+        return sent
 
-    def pick(self, client: Client, rt) -> int:
+    # ---------------------------------------------------------------- client
+    def pick(self, client: Client, rt, clusters: list[AdapterWeights]) -> int:
         """IFCA's rule on the client: the cluster with the lowest loss on a seeded batch of its rows."""
         rows = [rt.encode(r) for r in client.records]
         probe = [rows[i] for i in sample_order(len(rows), rt.cfg.train.batch,
                                                zlib.crc32(f"{self.fed.seed}/ifca-eval/{client.id}".encode()))]
-        return int(np.argmin(adapter_losses(rt, self.clusters, probe)))
+        return int(np.argmin(adapter_losses(rt, clusters, probe)))
 
-    def route(self, client: Client, records, names: list[str], rt) -> RowMix:
-        g = self.membership[client.id] if client.id in self.membership else self.pick(client, rt)
+    def route(self, client: Client, records, names: list[str], rt, sent: Downlink) -> RowMix:
+        if "picked" in sent.arrays:
+            g = int(sent.arrays["picked"][0])
+        else:  # never sampled for training: the client picks by loss itself
+            g = self.pick(client, rt, [sent.adapters[f"cluster/{j}"] for j in range(len(sent.adapters))])
         return RowMix.one_hot([names.index(f"cluster/{g}")] * len(records))
 
     def eval_report(self, mode: str, routed) -> dict[str, Any]:

@@ -16,7 +16,7 @@ class Local(Method):
     def aggregate(self, round_idx: int, results: list[Result]) -> None:
         pass  # nothing reaches the server
 
-    def eval_adapters(self, client: Client):
+    def eval_adapters(self, client: Client, sent):
         return {"local": client.resolve(LocalRef("local", self.fed.init_adapter))}
 
     def client_adapters(self, client: Client):

@@ -1,0 +1,166 @@
+"""The one federation driver: the whole life of a run, for any engine (engine/__init__.py).
+
+    connect     the engine says who the clients are; the server builds the method from public facts
+    setup       each client's setup (e.g. FedRouter's local clustering) -> `setup_server`
+    rounds      seeded client choice -> `plan` -> the engine's results, streamed into `aggregate` in plan
+                order -> the round's record (`round_report`)
+    evaluation  per mode: what each client is to be evaluated on and is sent (`downlink`) -> the engine's
+                per-client evaluations -> the mode's metrics (`mode_metrics`, the method's extras)
+    run folder  resolved config, metrics.json, the server's adapters, the clients' (where the engine keeps
+                them), report.md: written under a temporary name, renamed into place when complete
+
+`taskfed run` (InProcessEngine) and the Flower ServerApp (FlowerEngine) both run this; the round loop exists
+here only. The server side never sees a client object: what it knows of a client came through the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import tomli_w
+import torch
+
+from taskfed.config import RunConfig
+from taskfed.engine import Engine, RoundStats
+from taskfed.evaluation.evaluate import mode_metrics
+from taskfed.methods import build_method
+from taskfed.methods.base import Federation, Method
+from taskfed.model.peft_io import save_adapter
+from taskfed.population import sample_clients
+from taskfed.runfolder import discard, finish_out, plain, prepare_out
+
+
+def tasks_for(mode: str, own: list[str], seen: list[str], unseen: list[str]) -> list[str]:
+    """The tasks a client is evaluated on: its own (local), every seen task (global), the held-out ones."""
+    return list(own) if mode == "local" else list(seen) if mode == "global" else list(unseen)
+
+
+def lora_description(cfg: RunConfig) -> dict[str, Any]:
+    return dict(base_model=cfg.model.name, r=cfg.lora.r, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules)
+
+
+class Driver:
+    """One federated run over `engine`: `train()` (setup and rounds), `evaluate()`, `run(out_dir)` (both and
+    the run folder)."""
+
+    def __init__(self, cfg: RunConfig, engine: Engine, log: Callable[[str], None] = lambda s: None):
+        self.cfg, self.engine, self.log = cfg, engine, log
+        torch.manual_seed(cfg.seed)
+        self.roster = engine.connect()
+        self.fed = Federation(clients=sorted(self.roster.clients), rounds=cfg.train.rounds, seed=cfg.seed,
+                              init_adapter=engine.init_adapter(), tasks=list(self.roster.seen),
+                              lr_max=cfg.train.lr_max, lr_min=cfg.train.lr_min)
+        self.method: Method = build_method(cfg.method, self.fed)
+        self.setup_seconds = 0.0
+
+    # ----------------------------------------------------------------- training
+    def setup(self) -> int:
+        """The clients' setup and the server's; bytes up."""
+        tic = time.perf_counter()
+        uploads, up = self.engine.setup(self.fed)
+        if uploads:
+            self.method.setup_server(uploads)
+        self.setup_seconds = time.perf_counter() - tic  # e.g. FedRouter's embedding + KMeans
+        return up
+
+    def round(self, r: int) -> dict[str, Any]:
+        start = time.perf_counter()
+        selected = sample_clients(self.fed.clients, self.cfg.scenario.clients_per_round, self.cfg.seed, r)
+        jobs = self.method.plan(r, selected)
+        results, stats = self.engine.stream(r, jobs)
+        # The server receives uploads only (a job that keeps its adapter on the client sends nothing), one
+        # at a time as they arrive: a streaming aggregation never holds the whole round.
+        self.method.aggregate(r, (x for x in results if x.weights is not None))
+        for _ in results:  # what the aggregation did not pull (e.g. Local's client-kept jobs) still runs
+            pass
+        record = round_record(r, stats, time.perf_counter() - start)
+        record.update(self.method.round_report(r))
+        for who, why in stats.dropped.items():
+            self.log(f"round {r + 1}: dropped {who}: {why}")
+        return record
+
+    def train(self) -> tuple[list[dict], int]:
+        setup_bytes = self.setup()
+        rounds = []
+        total = self.method.n_rounds(self.cfg.train.rounds)
+        for r in range(total):
+            rounds.append(self.round(r))
+            self.log(f"round {r + 1}/{total}: loss {rounds[-1]['train_loss']:.4f}, {rounds[-1]['seconds']:.1f}s")
+        return rounds, setup_bytes
+
+    # ----------------------------------------------------------------- evaluation
+    def evaluate(self) -> dict:
+        out = {}
+        seen, unseen = self.roster.seen, self.roster.unseen
+        for mode in self.cfg.eval.modes:
+            if mode == "unseen" and not unseen:
+                self.log("eval mode 'unseen' skipped: no data.unseen_tasks")
+                continue
+            start = time.perf_counter()
+            asks = {cid: tasks_for(mode, info.tasks, seen, unseen) for cid, info in self.roster.clients.items()}
+            evals, dropped = self.engine.evaluate(mode, asks, self.method.downlink)
+            # A client's report is checked by the method before its bookkeeping uses it (it may come from a node).
+            for cid in sorted(evals):
+                why = self.method.check_report(evals[cid].routed)
+                if why:
+                    dropped[cid] = f"evaluation report refused: {why}"
+                    del evals[cid]
+            out[mode] = mode_metrics(self.method, mode, evals)
+            if dropped:
+                out[mode]["dropped"] = dict(sorted(dropped.items()))
+                for cid, why in sorted(dropped.items()):
+                    self.log(f"eval {mode}: dropped client {cid}: {why}")
+            out[mode]["seconds"] = time.perf_counter() - start
+            score = out[mode]["score"]
+            self.log(f"eval {mode}: score {'-' if score is None else f'{score:.4f}'}")
+        return out
+
+    # ----------------------------------------------------------------- the run
+    def metrics(self, rounds: list[dict], setup_bytes: int, evaluation: dict) -> dict:
+        return {
+            "method": self.cfg.method_name, "scenario": self.cfg.scenario.name, "seed": self.cfg.seed,
+            "bytes_communicated": setup_bytes + sum(r["bytes_up"] + r["bytes_down"] for r in rounds),
+            "rounds": rounds, "eval": evaluation, "setup_seconds": self.setup_seconds,
+            "clients": {cid: {"n_train": c.n_train, "tasks": list(c.tasks)} for cid, c in sorted(self.roster.clients.items())},
+        }
+
+    def run(self, out_dir: str | Path | None = None) -> dict:
+        out_dir = Path(out_dir) if out_dir is not None else None
+        tmp = prepare_out(out_dir) if out_dir is not None else None
+        try:
+            rounds, setup_bytes = self.train()
+            metrics = self.metrics(rounds, setup_bytes, self.evaluate())
+            if tmp is not None:
+                self.write(tmp, metrics)
+                finish_out(tmp, out_dir)
+            return metrics
+        except BaseException:
+            discard(tmp)
+            raise
+        finally:
+            self.engine.close()
+
+    def write(self, folder: Path, metrics: dict) -> None:
+        """The run folder: config.toml (the resolved config, runnable as it is), metrics.json, the server's
+        adapters and the clients' (PEFT format), report.md."""
+        from taskfed.report import run_report
+
+        cfg = self.cfg
+        (folder / "config.toml").write_text(tomli_w.dumps(plain(cfg.model_dump())))
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        lora = lora_description(cfg)
+        for name, weights in self.method.server_adapters().items():
+            save_adapter(weights, folder / "adapters" / "server" / name.replace("/", "_"), **lora)
+        self.engine.save_client_adapters(folder, lora)
+        (folder / "report.md").write_text(run_report(metrics))
+
+
+def round_record(r: int, stats: RoundStats, seconds: float) -> dict[str, Any]:
+    """A round's entry in metrics.json (the same keys on every engine, plus the engine's own timings)."""
+    return {"round": r, "train_loss": stats.loss, "bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down,
+            "seconds": seconds, "compute_seconds": stats.compute_seconds, "train_tokens": stats.tokens,
+            **({"dropped": dict(stats.dropped)} if stats.dropped else {}), **stats.extra}
