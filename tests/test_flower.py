@@ -8,6 +8,8 @@ ServerApp runs them one after the other over the same three SuperNodes, each a c
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -107,46 +109,70 @@ def test_store_on_disk(tmp_path):
 
 
 # ----------------------------------------------------------------------------- Simulation Engine
+PARITY = ["fedavg", "fedrouter", "feddpa-f", "fltac"]
+
+
 def corrupting_client_app() -> ClientApp:
-    """taskfed's ClientApp, except in the NAN_SEED run: client 1 uploads NaN every round, and client 2 a
-    transposed tensor in round 1 (index 1)."""
+    """taskfed's ClientApp, except in the NAN_SEED run: client 1 uploads NaN every round, client 2 a
+    transposed tensor in round 1 (index 1), and in evaluation client 2 claims a task it was not asked
+    about (local mode) and a NaN score (global mode)."""
     app = ClientApp()
 
-    @app.train("setup")
-    def setup(msg: Message, context: Context) -> Message:
-        return node.setup(msg, context)
+    def handler(kind):
+        def run(msg: Message, context: Context) -> Message:
+            reply = node.handle(kind, msg.content, dict(context.node_config), context.run_id)
+            cfg = decode_config(msg.content.config_records["config"])
+            pid = context.node_config["partition-id"]
+            if cfg.seed == NAN_SEED and kind == "round":
+                r = int(msg.content.config_records["round"]["round"])
+                for name, record in reply.array_records.items():
+                    key = sorted(record)[0]
+                    value = record[key].numpy()
+                    if pid == 1:
+                        record[key] = Array(np.full_like(value, np.nan))
+                    elif pid == 2 and r == 1:
+                        record[key] = Array(np.ascontiguousarray(value.T))
+            if cfg.seed == NAN_SEED and kind == "evaluate" and pid == 2:
+                ev = reply.config_records["eval"]
+                if msg.content.config_records["ask"]["mode"] == "local":
+                    ev["tasks"] = ["a task nobody asked about"] + list(ev["tasks"][1:])
+                else:
+                    ev["score"] = float("nan")
+            return Message(reply, reply_to=msg)
+        return run
 
-    @app.train("round")
-    def train(msg: Message, context: Context) -> Message:
-        reply = node.train(msg, context)
-        cfg = decode_config(msg.content.config_records["config"])
-        pid, r = context.node_config["partition-id"], int(msg.content.config_records["round"]["round"])
-        if cfg.seed == NAN_SEED:
-            for record in reply.content.array_records.values():
-                key = sorted(record)[0]
-                value = record[key].numpy()
-                if pid == 1:
-                    record[key] = Array(np.full_like(value, np.nan))
-                elif pid == 2 and r == 1:
-                    record[key] = Array(np.ascontiguousarray(value.T))
-        return reply
-
+    for kind in ("hello", "setup", "round"):
+        app.train(kind)(handler(kind))
+    app.evaluate("mode")(handler("evaluate"))
     return app
 
 
 def in_process(cfg, drop=lambda r, client: False):
-    """The in-process run's server adapters; `drop` leaves uploads out of aggregation (the reference for
-    the bad-node run: what the others alone aggregate to)."""
+    """The in-process run (training and evaluation): its metrics and the experiment; `drop` leaves uploads
+    out of aggregation (the reference for the bad-node run: what the others alone aggregate to)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the simulation's workers run one thread each: same float sums
     try:
         ex = Experiment(cfg)
         aggregate = ex.method.aggregate
         ex.method.aggregate = lambda r, results: aggregate(r, [x for x in results if not drop(r, x.job.client)])
-        ex.train()
-        return ex.method.server_adapters()
+        metrics = ex.run()
+        return metrics, ex
     finally:
         torch.set_num_threads(threads)
+
+
+COST = ("engine", "generated_tokens")  # which engine ran, and how many tokens it generated: in-process
+# clients share one generation cache (a row FedAvg's clients all evaluate is generated once), nodes do not
+
+
+def untimed(obj):
+    """metrics.json without timing and cost fields: what must equal across engines."""
+    if isinstance(obj, dict):
+        return {k: untimed(v) for k, v in obj.items() if "seconds" not in k and k not in COST}
+    if isinstance(obj, list):
+        return [untimed(v) for v in obj]
+    return obj
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +180,7 @@ def simulated(tmp_path_factory):
     from flwr.simulation import run_simulation
 
     root = tmp_path_factory.mktemp("flower-sim")
-    runs = {"fedavg": config("fedavg"), "fedrouter": config("fedrouter"),
-            "bad": config("fedavg", f"seed={NAN_SEED}")}
+    runs = {m: config(m) for m in PARITY} | {"bad": config("fedavg", f"seed={NAN_SEED}")}
     metrics = {}
     app = ServerApp()
 
@@ -181,22 +206,31 @@ def saved(folder, name):
     return load_adapter(folder / "adapters" / "server" / name.replace("/", "_"))
 
 
-@pytest.mark.parametrize("method", ["fedavg", "fedrouter"])
+@pytest.mark.parametrize("method", PARITY)
 def test_simulation_equals_in_process(simulated, method):
     root, runs, metrics = simulated
-    want = in_process(runs[method])
-    assert len(want) == (1 if method == "fedavg" else 2)
-    for name, weights in want.items():
+    want, ex = in_process(runs[method])
+    # The whole metrics.json but timings: rounds, every eval mode, per-task scores, router accuracy, ...
+    on_disk = json.loads((root / method / "metrics.json").read_text())
+    assert untimed(on_disk) == untimed(json.loads(json.dumps(want))), f"{method}: metrics differ from in-process"
+    assert set(on_disk["eval"]) == {"local", "global"} and on_disk["engine"] == "flower"
+    assert all(on_disk["eval"][m]["score"] is not None for m in on_disk["eval"])
+    for name, weights in ex.method.server_adapters().items():
         got = saved(root / method, name)
         assert all(torch.equal(got[k], weights[k]) for k in weights), f"{method} {name} differs from in-process"
-    assert [r["round"] for r in metrics[method]["rounds"]] == [0, 1]
+    assert sorted(p.name for p in (root / method).iterdir()) == ["adapters", "config.toml", "metrics.json", "report.md"]
     assert all("dropped" not in r for r in metrics[method]["rounds"])
     assert all(r["node_load_seconds"] < 1.0 for r in metrics[method]["rounds"])  # runtime cached per worker
-    # FedRouter's client state stayed on the nodes' disks: labels and centroids of every client.
-    if method == "fedrouter":
-        stores = (root / "cache" / "flower" / "state").glob("run-*/*/store.json")
+    stores = (root / "cache" / "flower" / "state").glob("run-*/*/store.json")
+    if method == "fedrouter":  # FedRouter's client state stayed on the nodes' disks
         held = sorted(p.parent.name for p in stores if "fedrouter_labels" in p.read_text())
         assert held == ["0", "1", "2"]
+    if method == "feddpa-f":  # the local adapters too: on the nodes, equal to the in-process clients'
+        for cid, client in ex.clients.items():
+            want_local = ex.engine.client_side.client_adapters(client)["local"]
+            found = list((root / "cache" / "flower" / "state").glob(f"run-*/adapters/clients/{cid}/local"))
+            got = [load_adapter(f) for f in found]
+            assert any(all(torch.equal(g[k], want_local[k]) for k in want_local) for g in got), cid
 
 
 def test_bad_nodes_are_dropped_and_the_others_aggregate(simulated):
@@ -204,8 +238,14 @@ def test_bad_nodes_are_dropped_and_the_others_aggregate(simulated):
     rounds = metrics["bad"]["rounds"]
     assert set(rounds[0]["dropped"]) == {"1"} and "NaN" in rounds[0]["dropped"]["1"]
     assert set(rounds[1]["dropped"]) == {"1", "2"} and "shape" in rounds[1]["dropped"]["2"]
-    want = in_process(runs["bad"], drop=lambda r, c: c == "1" or (c == "2" and r == 1))
+    want = in_process(runs["bad"], drop=lambda r, c: c == "1" or (c == "2" and r == 1))[1].method.server_adapters()
     got = saved(root / "bad", "global")
     assert all(torch.equal(got[k], want["global"][k]) for k in got)
-    clean = in_process(runs["bad"])  # with every upload the result differs: the drop mattered
+    clean = in_process(runs["bad"])[1].method.server_adapters()  # with every upload the result differs
     assert not all(torch.equal(got[k], clean["global"][k]) for k in got)
+    # Evaluation: the node with a made-up task and the one with a NaN score are dropped with their reason;
+    # the others are scored.
+    ev = metrics["bad"]["eval"]
+    assert set(ev["local"]["dropped"]) == {"2"} and "not asked" in ev["local"]["dropped"]["2"]
+    assert set(ev["global"]["dropped"]) == {"2"} and "score" in ev["global"]["dropped"]["2"]
+    assert sorted(ev["local"]["per_client"]) == ["0", "1"] == sorted(ev["global"]["per_client"])

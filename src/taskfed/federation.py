@@ -123,7 +123,7 @@ class Driver:
     def metrics(self, rounds: list[dict], setup_bytes: int, evaluation: dict) -> dict:
         return {
             "method": self.cfg.method_name, "scenario": self.cfg.scenario.name, "seed": self.cfg.seed,
-            "bytes_communicated": setup_bytes + sum(r["bytes_up"] + r["bytes_down"] for r in rounds),
+            "engine": self.engine.name, "bytes_communicated": setup_bytes + sum(r["bytes_up"] + r["bytes_down"] for r in rounds),
             "rounds": rounds, "eval": evaluation, "setup_seconds": self.setup_seconds,
             "clients": {cid: {"n_train": c.n_train, "tasks": list(c.tasks)} for cid, c in sorted(self.roster.clients.items())},
         }

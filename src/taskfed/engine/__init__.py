@@ -54,6 +54,8 @@ class RoundStats:
 
 
 class Engine(Protocol):
+    name: str  # "inprocess", "flower": recorded in metrics.json
+
     def connect(self) -> Roster: ...
 
     def init_adapter(self): ...

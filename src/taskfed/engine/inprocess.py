@@ -50,6 +50,8 @@ def downlink_bytes(jobs: list[Job]) -> int:
 
 
 class InProcessEngine:
+    name = "inprocess"
+
     def __init__(self, rt: Runtime, pop: Population | dict[str, Client], cfg: RunConfig,
                  gen_cache: dict | None = None, log: Callable[[str], None] = lambda s: None):
         if isinstance(pop, dict):  # clients only (to run jobs): no tasks, no test rows

@@ -50,16 +50,18 @@ def make_server_app(cfg: RunConfig | None = None, opts: Options | None = None) -
 
 
 def make_client_app() -> ClientApp:
+    """Each message goes to `node.handle` (through the node's long-lived worker where one runs)."""
     app = ClientApp()
 
-    @app.train("setup")
-    def setup(msg: Message, context: Context) -> Message:
-        return node.setup(msg, context)
+    def handler(kind: str):
+        def run(msg: Message, context: Context) -> Message:
+            content = node.handle(kind, msg.content, dict(context.node_config), context.run_id)
+            return Message(content, reply_to=msg)
+        return run
 
-    @app.train("round")
-    def train(msg: Message, context: Context) -> Message:
-        return node.train(msg, context)
-
+    for kind in ("hello", "setup", "round"):
+        app.train(kind)(handler(kind))
+    app.evaluate("mode")(handler("evaluate"))
     return app
 
 

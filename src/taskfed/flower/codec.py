@@ -12,6 +12,7 @@ ConfigRecord `results` (lists aligned by result) and one ArrayRecord `r.<i>` per
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -20,8 +21,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from taskfed.config import RunConfig
 from taskfed.errors import TaskfedError
-from taskfed.methods.base import ALL_ROWS, Job, LocalRef
-from taskfed.model.bank import AdapterWeights
+from taskfed.evaluation.evaluate import ClientEval
+from taskfed.methods.base import ALL_ROWS, Downlink, Federation, Job, LocalRef, Routed
+from taskfed.model.bank import AdapterWeights, RowMix
 from taskfed.model.peft_io import check_weights
 
 Shapes = dict[str, tuple[int, ...]]
@@ -40,10 +42,21 @@ def decode_adapter(record: Any, shapes: Shapes, where: str) -> AdapterWeights:
     if not isinstance(record, ArrayRecord):
         raise TaskfedError(f"{where}: expected an array record.")
     out: AdapterWeights = {}
+    missing = sorted(set(shapes) - set(record.keys()))
+    if missing:
+        raise TaskfedError(f"{where}: adapter lacks tensor '{missing[0]}'.")
     for key, arr in record.items():
+        # The header first: a mis-shaped or mistyped array is refused before it is materialised.
+        if key not in shapes:
+            raise TaskfedError(f"{where}: adapter has unexpected tensor '{key}'.")
         if arr.dtype != "float32":
             raise TaskfedError(f"{where}: tensor '{key}' has dtype {arr.dtype}, expected float32.")
-        out[key] = torch.from_numpy(_numpy(arr, where).copy())
+        if tuple(arr.shape) != tuple(shapes[key]):
+            raise TaskfedError(f"{where}: tensor '{key}' has shape {tuple(arr.shape)}, expected {tuple(shapes[key])}.")
+        value = _numpy(arr, where)
+        if value.dtype != np.float32:  # what the bytes hold, not what the header declares
+            raise TaskfedError(f"{where}: tensor '{key}' holds {value.dtype} data, expected float32.")
+        out[key] = torch.from_numpy(value.copy())
     check_weights(out, shapes, where)
     return out
 
@@ -190,10 +203,11 @@ def decode_jobs(content: RecordDict, shapes: Shapes) -> tuple[int, list[Job]]:
 RESULT_LISTS = {"job": int, "n_rows": int, "n_client": int, "loss": float, "chosen": int, "uploaded": bool}
 
 
-def check_results(record: Any, jobs: list[Job], where: str) -> list[dict[str, Any]]:
+def check_results(record: Any, jobs: list[Job], where: str, n_train: int | None = None) -> list[dict[str, Any]]:
     """The `results` ConfigRecord of a reply, as one dict per result, refused unless every field has its
-    type, lists agree in length, each job is answered at most once, counts are positive, and an uploading
-    job's result says it uploaded."""
+    type, lists agree in length, each job is answered at most once, counts are positive and (given
+    `n_train`, what the node declared at setup) the client's row count is the declared one, losses are
+    finite, and an uploading job's result says it uploaded."""
     if not isinstance(record, ConfigRecord):
         raise TaskfedError(f"{where}: reply has no results record.")
     n = None
@@ -211,10 +225,134 @@ def check_results(record: Any, jobs: list[Job], where: str) -> list[dict[str, An
         if not 0 <= j < len(jobs) or j in seen:
             raise TaskfedError(f"{where}: result for unknown or repeated job {j}.")
         seen.add(j)
-        if r["n_rows"] < 1 or r["n_client"] < r["n_rows"]:
-            raise TaskfedError(f"{where}: job {j} reports {r['n_rows']} rows of {r['n_client']}.")
+        if r["n_rows"] < 1 or r["n_client"] < r["n_rows"] or (n_train is not None and r["n_client"] != n_train):
+            raise TaskfedError(f"{where}: job {j} reports {r['n_rows']} rows of {r['n_client']}"
+                               + (f" (the client declared {n_train} at setup)." if n_train is not None else "."))
+        if not math.isfinite(r["loss"]):
+            raise TaskfedError(f"{where}: job {j} reports a non-finite loss.")
         if r["uploaded"] != jobs[j].upload:
             raise TaskfedError(f"{where}: job {j} {'uploaded' if r['uploaded'] else 'did not upload'} weights against its plan.")
         if jobs[j].candidates is not None and not 0 <= r["chosen"] < len(jobs[j].candidates):
             raise TaskfedError(f"{where}: job {j} chose candidate {r['chosen']} of {len(jobs[j].candidates)}.")
     return rows
+
+
+# ----------------------------------------------------------------------------- the federation's facts
+def encode_fed(fed: Federation) -> ConfigRecord:
+    """The public facts the method's client side is built from (the rest comes from the config)."""
+    return ConfigRecord({"clients": list(fed.clients), "tasks": list(fed.tasks)})
+
+
+def decode_fed(record: Any, cfg: RunConfig, init_adapter: AdapterWeights) -> Federation:
+    if not isinstance(record, ConfigRecord) or not all(
+            isinstance(record.get(k), list) and all(isinstance(x, str) for x in record[k]) for k in ("clients", "tasks")):
+        raise TaskfedError("flower message: the federation's facts are missing or malformed.")
+    return Federation(clients=list(record["clients"]), rounds=cfg.train.rounds, seed=cfg.seed,
+                      init_adapter=init_adapter, tasks=list(record["tasks"]), lr_max=cfg.train.lr_max,
+                      lr_min=cfg.train.lr_min)
+
+
+# ----------------------------------------------------------------------------- evaluation (both ways)
+def encode_eval_request(cfg: RunConfig, fed: Federation, mode: str, tasks: list[str], sent: Downlink) -> RecordDict:
+    """What a node needs to evaluate its client: the mode, the tasks, and the method's downlink."""
+    names = list(sent.adapters)
+    content = RecordDict({"config": encode_config(cfg), "fed": encode_fed(fed),
+                          "ask": ConfigRecord({"mode": mode, "tasks": list(tasks), "adapters": names}),
+                          "arrays": encode_arrays(sent.arrays)})
+    for i, name in enumerate(names):
+        content[f"d.{i}"] = encode_adapter(sent.adapters[name])
+    return content
+
+
+def decode_eval_request(content: RecordDict, shapes: Shapes) -> tuple[str, list[str], Downlink]:
+    ask = content.config_records.get("ask")
+    if not isinstance(ask, ConfigRecord) or not isinstance(ask.get("mode"), str) or not all(
+            isinstance(ask.get(k), list) and all(isinstance(x, str) for x in ask[k]) for k in ("tasks", "adapters")):
+        raise TaskfedError("flower message: malformed evaluation request.")
+    adapters = {name: decode_adapter(content.array_records.get(f"d.{i}"), shapes, f"adapter '{name}' from the server")
+                for i, name in enumerate(ask["adapters"])}
+    arrays = decode_arrays(content.array_records.get("arrays"), "arrays from the server")
+    return ask["mode"], list(ask["tasks"]), Downlink(adapters, arrays)
+
+
+METRICS = ("rouge1", "rougeL", "exact_match")
+
+
+def encode_eval_reply(ev: ClientEval) -> RecordDict:
+    tasks = sorted(ev.per_task)
+    rec: dict[str, Any] = {"tasks": tasks, "n": [int(ev.per_task[t]["n"]) for t in tasks], "score": float(ev.score),
+                           "generated_tokens": int(ev.generated_tokens), "generate_seconds": float(ev.generate_seconds),
+                           "row_tasks": list(ev.routed.tasks), "names": list(ev.routed.names)}
+    for m in METRICS:
+        rec[m] = [float(ev.per_task[t][m]) for t in tasks]
+    mix = {"idx": ev.routed.mix.idx.numpy().astype(np.int64), "w": ev.routed.mix.w.numpy().astype(np.float32)}
+    return RecordDict({"eval": ConfigRecord(rec), "mix": encode_arrays(mix), "facts": encode_arrays(ev.routed.facts)})
+
+
+def _is_list(value: Any, kind: type) -> bool:
+    return isinstance(value, list) and all(isinstance(v, kind) and not (kind is not bool and isinstance(v, bool)) for v in value)
+
+
+def decode_eval_reply(content: RecordDict, client: str, asked: list[str], where: str) -> ClientEval:
+    """A node's evaluation, refused with one sentence unless every field has its type and range: only asked
+    tasks, each once, positive counts, scores in [0, 1] and consistent with the per-task means, a mix that
+    indexes its own adapter names, one true task per evaluated row."""
+    rec = content.config_records.get("eval")
+    if not isinstance(rec, ConfigRecord):
+        raise TaskfedError(f"{where}: reply has no evaluation record.")
+    kinds = {"tasks": str, "n": int, "row_tasks": str, "names": str, **{m: float for m in METRICS}}
+    for key, kind in kinds.items():
+        if not _is_list(rec.get(key), kind):
+            raise TaskfedError(f"{where}: evaluation field '{key}' is missing or not a list of {kind.__name__}.")
+    tasks, n = rec["tasks"], rec["n"]
+    if any(len(rec[k]) != len(tasks) for k in ("n", *METRICS)):
+        raise TaskfedError(f"{where}: evaluation lists disagree in length.")
+    if len(set(tasks)) != len(tasks) or not set(tasks) <= set(asked):
+        raise TaskfedError(f"{where}: evaluation reports a task it was not asked about or one task twice.")
+    if any(k < 1 for k in n):
+        raise TaskfedError(f"{where}: evaluation reports a task with fewer than one row.")
+    for m in METRICS:
+        if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in rec[m]):
+            raise TaskfedError(f"{where}: evaluation field '{m}' holds a value outside [0, 1].")
+    for key, kind in (("score", float), ("generated_tokens", int), ("generate_seconds", float)):
+        value = rec.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            raise TaskfedError(f"{where}: evaluation field '{key}' is missing or not a non-negative {kind.__name__}.")
+    rows = sum(n)
+    if rec["score"] > 1.0 or abs(rec["score"] - sum(k * v for k, v in zip(n, rec["rouge1"])) / rows) > 1e-9:
+        raise TaskfedError(f"{where}: evaluation score disagrees with its per-task ROUGE-1.")
+    if sorted(rec["row_tasks"]) != sorted(t for t, k in zip(tasks, n) for _ in range(k)):
+        raise TaskfedError(f"{where}: evaluation's row tasks disagree with its per-task counts.")
+    mix = decode_arrays(content.array_records.get("mix"), f"{where} (mix)")
+    idx, w = mix.get("idx"), mix.get("w")
+    if (idx is None or w is None or idx.dtype.kind not in "iu" or idx.ndim != 2 or idx.shape != w.shape
+            or len(idx) != rows or (idx < 0).any() or (idx >= len(rec["names"])).any()):
+        raise TaskfedError(f"{where}: evaluation's mix does not fit its rows and adapter names.")
+    facts = decode_arrays(content.array_records.get("facts"), f"{where} (facts)")
+    per_task = {t: {"n": k, **{m: rec[m][i] for m in METRICS}} for i, (t, k) in enumerate(zip(tasks, n))}
+    routed = Routed(client, list(rec["row_tasks"]), list(rec["names"]),
+                    RowMix(torch.from_numpy(idx.astype(np.int64)), torch.from_numpy(w.astype(np.float32))), facts)
+    return ClientEval(rec["score"], per_task, rec["generated_tokens"], rec["generate_seconds"], routed)
+
+
+STATS = {"load_seconds": float, "train_seconds": float, "compute_seconds": float, "tokens": int}
+
+
+def check_stats(record: Any, where: str) -> dict[str, Any]:
+    """A round reply's `stats` record: non-negative finite numbers, and the node's own dropped uploads as
+    strings; refused whole otherwise (the node is then dropped from the round, never the run)."""
+    if not isinstance(record, ConfigRecord):
+        raise TaskfedError(f"{where}: reply has no stats record.")
+    out: dict[str, Any] = {}
+    for key, kind in STATS.items():
+        value = record.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and kind is float:
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            raise TaskfedError(f"{where}: stats field '{key}' is missing or not a non-negative {kind.__name__}.")
+        out[key] = value
+    dropped = record.get("dropped", [])
+    if not _is_list(dropped, str):
+        raise TaskfedError(f"{where}: stats field 'dropped' is not a list of strings.")
+    out["dropped"] = list(dropped)
+    return out

@@ -75,6 +75,9 @@ def check_weights(weights: AdapterWeights, expected: dict[str, tuple[int, ...]],
         raise TaskfedError(f"{where}: adapter {'lacks' if missing else 'has unexpected'} tensor '{name}'.")
     for key, shape in expected.items():
         t = weights[key]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TaskfedError(f"{where}: tensor '{key}' has dtype {kind}, expected floating point.")
         if tuple(t.shape) != tuple(shape):
             raise TaskfedError(f"{where}: tensor '{key}' has shape {tuple(t.shape)}, expected {tuple(shape)}.")
         if not torch.isfinite(t).all():
