@@ -5,8 +5,12 @@ The ServerApp reads its run config (`flwr run . <connection> --run-config "..."`
     set            overrides as in `taskfed run --set`, separated by ";" (e.g. "train.rounds=2; seed=1")
     smoke          true: the same config on the tiny model with a minimal budget
     out            the run folder to write (default: runs/flower-<method>-<run id>)
-    round-timeout  seconds a round waits for replies (default 3600)
+    round-timeout  seconds a round (or an evaluation) waits for replies (default 3600)
 The nodes need no copy of the config: the server sends the validated config with every message.
+
+The ClientApp forwards each message to its SuperNode's long-lived taskfed worker (flower/worker.py), which
+keeps the model loaded between messages; node config `worker = false` runs `node.handle` in the ClientApp
+process itself instead. This module imports only flwr: a ClientApp process that forwards stays light.
 """
 
 from __future__ import annotations
@@ -15,16 +19,15 @@ import taskfed.flower  # noqa: F401  (sets FLWR_TELEMETRY_ENABLED=0 before flwr 
 
 from pathlib import Path
 
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from taskfed.config import RunConfig, load_config, smoke
-from taskfed.flower import node
-from taskfed.flower.server import Options, serve
 
+def config_from_run_config(run_config: dict):
+    from taskfed.config import load_config, smoke
+    from taskfed.flower.engine import Options
 
-def config_from_run_config(run_config: dict) -> tuple[RunConfig, Options]:
     if "config" not in run_config:
         raise ValueError("flower run config: 'config' (the path of a taskfed TOML config) is required.")
     overrides = [s.strip() for s in str(run_config.get("set", "")).split(";") if s.strip()]
@@ -35,12 +38,15 @@ def config_from_run_config(run_config: dict) -> tuple[RunConfig, Options]:
                         round_timeout=float(run_config.get("round-timeout", 3600.0)))
 
 
-def make_server_app(cfg: RunConfig | None = None, opts: Options | None = None) -> ServerApp:
+def make_server_app(cfg=None, opts=None) -> ServerApp:
     """A ServerApp for `cfg`, or (None) for the config named in the run config."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        from taskfed.flower.engine import Options
+        from taskfed.flower.server import serve
+
         run_cfg, run_opts = (cfg, opts or Options()) if cfg is not None else config_from_run_config(dict(context.run_config))
         if run_opts.out_dir is None:
             run_opts.out_dir = Path("runs") / f"flower-{run_cfg.method_name}-{context.run_id}"
@@ -49,19 +55,39 @@ def make_server_app(cfg: RunConfig | None = None, opts: Options | None = None) -
     return app
 
 
-def make_client_app() -> ClientApp:
-    """Each message goes to `node.handle` (through the node's long-lived worker where one runs)."""
+def make_client_app(worker: bool = True) -> ClientApp:
+    """Each message goes to `node.handle`: through the node's long-lived worker (`worker`, unless the node
+    config says `worker = false`), or in this process (the Simulation Engine's actors are long-lived)."""
     app = ClientApp()
 
     def handler(kind: str):
         def run(msg: Message, context: Context) -> Message:
-            content = node.handle(kind, msg.content, dict(context.node_config), context.run_id)
+            node_config = dict(context.node_config)
+            if worker and node_config.pop("worker", True):
+                from taskfed.flower.worker import forward
+
+                content = forward(kind, msg.content, node_config, context.run_id, context.node_id)
+            else:
+                node_config.pop("worker", None)
+                from taskfed.flower import node
+
+                content = node.handle(kind, msg.content, node_config, context.run_id)
             return Message(content, reply_to=msg)
         return run
 
     for kind in ("hello", "setup", "round"):
         app.train(kind)(handler(kind))
     app.evaluate("mode")(handler("evaluate"))
+
+    @app.query("bye")
+    def bye(msg: Message, context: Context) -> Message:
+        """The run is over: the node's worker (if any) exits and frees its memory."""
+        if worker:
+            from taskfed.flower.worker import stop
+
+            stop(context.node_id)
+        return Message(RecordDict({"bye": ConfigRecord({"ok": True})}), reply_to=msg)
+
     return app
 
 

@@ -169,7 +169,12 @@ class FlowerEngine:
         return uploads, up
 
     def close(self) -> None:
-        pass
+        """The run is over: each node's worker is told to exit (best effort, a few seconds at most)."""
+        if not self.node_of:
+            return
+        msgs = {n: self._message(n, "query.bye", RecordDict()) for n in sorted(self.node_of.values())}
+        for _ in self._pull(self._push(msgs), time.monotonic() + 10.0):
+            pass
 
     def save_client_adapters(self, folder: Path, lora: dict) -> None:
         """Client-owned adapters stay on the nodes (each writes its own beside its store after the last

@@ -26,7 +26,8 @@ from taskfed.flower.server import Options, serve
 def simulate(cfg: RunConfig, out_dir: str | Path | None = None, client_app: ClientApp | None = None,
              workers: int | None = None, round_timeout: float = 3600.0) -> dict[str, Any]:
     """Runs `cfg` on the Simulation Engine and returns the run's metrics (the run folder too, if asked).
-    `workers`: Ray actors training in parallel (default: the CPU count, at most one per client)."""
+    `workers`: Ray actors training in parallel (default: the CPU count, at most one per client). The actors
+    are long-lived processes already: their ClientApps run `node.handle` themselves (no worker)."""
     from flwr.simulation import run_simulation
 
     holder: dict[str, Any] = {}
@@ -39,7 +40,7 @@ def simulate(cfg: RunConfig, out_dir: str | Path | None = None, client_app: Clie
     workers = workers or max(1, min(os.cpu_count() or 1, cfg.scenario.n_clients))
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": workers, "include_dashboard": False}}
-    run_simulation(server_app=app, client_app=client_app or make_client_app(), num_supernodes=cfg.scenario.n_clients,
+    run_simulation(server_app=app, client_app=client_app or make_client_app(worker=False), num_supernodes=cfg.scenario.n_clients,
                    backend_config=backend)
     if "metrics" not in holder:
         raise TaskfedError("flower simulation: the ServerApp ended without finishing the run (see the log above).")

@@ -1,0 +1,156 @@
+"""The FlowerEngine and the node protocol over a Grid of our own (no Ray, no SuperLink): every message is
+answered by `node.handle`, the code a ClientApp runs, in this process. Fast, so it can check what the
+simulated and deployed runs cannot cheaply: results stream into `aggregate` before a slow node has replied,
+the method's client side never touches the server's object, a node that never answers its evaluation is
+dropped at the timeout, and the run equals the in-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from flwr.app import Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from tests.conftest import tiny_config
+from tests.test_flower import untimed
+from taskfed.federation import Driver
+from taskfed.flower import node
+from taskfed.flower.engine import FlowerEngine, Options
+from taskfed.run import Experiment
+
+TASKS = '["definite_pronoun_resolution","snli","cola"]'
+
+
+def in_this_process(action, content, node_id, node_config):
+    """A ClientApp without a worker: `node.handle` here (the end of a run needs nothing)."""
+    return None if action == "bye" else node.handle(action, content, node_config, 7)
+
+
+class FakeGrid:
+    """push_messages / pull_messages over three nodes answered by `handler` (default `node.handle`; None
+    from the handler: an empty reply) when pulled. A node in
+    `slow` answers its round messages only after `slow_pulls` pulls; one in `silent` never answers the
+    message kinds listed for it."""
+
+    def __init__(self, state_dir, slow=None, slow_pulls=3, silent=None, handler=None):
+        self.handler = handler or in_this_process
+        self.nodes = {100 + i: {"partition-id": i, "num-partitions": 3, "state-dir": str(state_dir)} for i in range(3)}
+        self.slow, self.slow_pulls, self.silent = slow or set(), slow_pulls, silent or {}
+        self.pending: dict[str, tuple[Message, int]] = {}
+        self.events: list[str] = []
+        self.count = 0
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            self.count += 1
+            mid = f"m{self.count}"
+            msg.metadata.__dict__["_message_id"] = mid
+            self.pending[mid] = (msg, 0)
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):
+        out = []
+        for mid in list(message_ids):
+            if mid not in self.pending:
+                continue
+            msg, pulls = self.pending[mid]
+            node_id, kind = msg.metadata.dst_node_id, msg.metadata.message_type
+            if kind in self.silent.get(node_id, ()):
+                continue
+            if node_id in self.slow and kind == "train.round" and pulls < self.slow_pulls:
+                self.pending[mid] = (msg, pulls + 1)
+                continue
+            del self.pending[mid]
+            action = {"train.hello": "hello", "train.setup": "setup", "train.round": "round",
+                      "evaluate.mode": "evaluate"}.get(kind)
+            if action is None:  # query.bye
+                action = "bye"
+            try:
+                content = self.handler(action, msg.content, node_id, self.nodes[node_id])
+                if content is None:
+                    content = RecordDict()
+                reply = Message(content, reply_to=msg)
+            except Exception as exc:  # as Flower turns a ClientApp's exception into an error reply
+                reply = Message(Error(code=0, reason=str(exc)), reply_to=msg)
+            self.events.append(f"reply {node_id - 100} {kind}")
+            out.append(reply)
+        return out
+
+
+@pytest.fixture
+def identity(monkeypatch):
+    """A ServerApp's identity (Flower's messages need a run id), as flwr sets it in a ServerApp process."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def forbid_client_side(method):
+    """The server's method object must never run client-side hooks: each raises if called."""
+    def boom(*args, **kwargs):
+        raise AssertionError("a client-side hook ran on the server's method object")
+    for hook in ("setup_client", "eval_adapters", "route", "eval_facts", "client_adapters"):
+        setattr(method, hook, boom)
+
+
+@pytest.mark.parametrize("method", ["fedrouter", "feddpa-t"])
+def test_flower_engine_equals_in_process_and_the_server_object_runs_no_client_hook(identity, tmp_path, method):
+    more = ["method.n_global=2"] if method == "fedrouter" else []
+    cfg = tiny_config(f"method.name={method}", "scenario.n_clients=3", f"data.tasks={TASKS}", *more)
+    ex = Experiment(cfg)
+    forbid_client_side(ex.method)
+    assert ex.engine.client_side is None  # built from the federation's facts at setup, never the server's
+    want = ex.run(tmp_path / "inprocess")
+    assert ex.engine.client_side is not ex.method
+    driver = Driver(cfg, FlowerEngine(FakeGrid(tmp_path / "state"), cfg, Options(round_timeout=60)))
+    forbid_client_side(driver.method)
+    got = driver.run(tmp_path / "flower")
+    a = json.loads((tmp_path / "flower" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "inprocess" / "metrics.json").read_text())
+    assert untimed(a) == untimed(b) and untimed(got) == untimed(json.loads(json.dumps(want)))
+    for name, w in ex.method.server_adapters().items():
+        assert all(torch.equal(w[k], driver.method.server_adapters()[name][k]) for k in w)
+
+
+def test_uploads_stream_into_aggregate_before_the_slowest_node_replies(identity, tmp_path):
+    cfg = tiny_config("method.name=fedavg", "scenario.n_clients=3", f"data.tasks={TASKS}", "train.rounds=1",
+                      "eval.max_rows_per_task=1")
+    grid = FakeGrid(tmp_path / "state", slow={102}, slow_pulls=4)
+    driver = Driver(cfg, FlowerEngine(grid, cfg, Options(round_timeout=60)))
+    aggregate = driver.method.aggregate
+
+    def watched(r, results):
+        def seen():
+            for x in results:
+                grid.events.append(f"aggregate {x.job.client}")
+                yield x
+        aggregate(r, seen())
+
+    driver.method.aggregate = watched
+    driver.train()
+    rounds = [e for e in grid.events if "round" in e or "aggregate" in e]
+    assert rounds.index("aggregate 0") < rounds.index("reply 2 train.round"), rounds
+    assert rounds.index("aggregate 1") < rounds.index("reply 2 train.round"), rounds
+    assert rounds[-1] == "aggregate 2"  # the slow node's upload still counts, last, in plan order
+
+
+def test_a_node_silent_in_evaluation_is_dropped_at_the_timeout(identity, tmp_path):
+    cfg = tiny_config("method.name=fedavg", "scenario.n_clients=3", f"data.tasks={TASKS}", "train.rounds=1")
+    grid = FakeGrid(tmp_path / "state", silent={101: {"evaluate.mode"}})
+    driver = Driver(cfg, FlowerEngine(grid, cfg, Options(round_timeout=1.5)))
+    driver.train()
+    tic = time.monotonic()
+    ev = driver.evaluate()
+    assert time.monotonic() - tic < 30  # two modes, each closed by the 1.5 s timeout, not hung
+    for mode in ("local", "global"):
+        assert ev[mode]["dropped"] == {"1": "no evaluation (" + mode + ") reply within 1.5 s"}
+        assert sorted(ev[mode]["per_client"]) == ["0", "2"] and ev[mode]["score"] is not None
