@@ -45,7 +45,7 @@ def main() -> None:
     tic = time.perf_counter()
     exp.train()
     print(f"trained FedDPA-F ({len(exp.clients)} clients) in {time.perf_counter() - tic:.0f} s")
-    method = exp.method
+    method = exp.engine.client_side  # the weighting runs on the clients' side of the method
     settings = [("fixed", {"weighting": "fixed"}),
                 ("local, per_input references", {"weighting": "local", "references": "per_input"}),
                 ("local, per_client references", {"weighting": "local", "references": "per_client"}),
@@ -55,7 +55,7 @@ def main() -> None:
     weighting_s: list[float] = []
     real = method.local_weights
 
-    def timed(client, records, rt):
+    def timed(client, records, rt):  # noqa: ANN001
         tic = time.perf_counter()
         out = real(client, records, rt)
         weighting_s.append(time.perf_counter() - tic)
@@ -67,7 +67,7 @@ def main() -> None:
         method.params = method.params.model_copy(update=change)
         for client in exp.clients.values():
             client.scratch.clear()
-        exp.gen_cache = {}
+        exp.engine.gen_cache.clear()
         weighting_s.clear()
         tic = time.perf_counter()
         ev = exp.evaluate()

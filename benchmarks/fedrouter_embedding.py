@@ -32,17 +32,22 @@ sys.path.insert(0, str(ROOT / "src"))
 from taskfed.clustering import clustering_accuracy  # noqa: E402
 from taskfed.config import load_config  # noqa: E402
 from taskfed.methods.fedrouter import LABELS  # noqa: E402
+from taskfed.methods.base import Routed  # noqa: E402
 from taskfed.run import Experiment  # noqa: E402
 
 
-def routed(exp, mode: str) -> list:
+def routed(exp, mode: str) -> list[Routed]:
+    """Every client's routing of its test rows, by the method's client side on what the server sends."""
     out = []
+    side = exp.engine.client_side
     for cid in sorted(exp.clients):
         client = exp.clients[cid]
         tasks = client.tasks if mode == "local" else exp.seen
         records = [r for t in tasks for r in exp.test_by_task.get(t, [])]
-        names = list(exp.method.eval_adapters(client))
-        out.append((client, records, exp.method.route(client, records, names, exp.rt), names))
+        sent = exp.method.downlink(cid)
+        names = list(side.eval_adapters(client, sent))
+        out.append(Routed(cid, [r.task for r in records], names, side.route(client, records, names, exp.rt, sent),
+                          side.eval_facts(client)))
     return out
 
 
@@ -71,13 +76,13 @@ def main() -> None:
         method.embed(rt, train_texts)
         embed_s = time.perf_counter() - tic
         tic = time.perf_counter()
-        exp.engine.setup(method)  # local KMeans per client + global KMeans (embeddings from the cache)
+        exp.setup()  # local KMeans per client + global KMeans (embeddings from the cache)
         cluster_s = time.perf_counter() - tic
         local_acc = float(np.mean([clustering_accuracy(c.store[LABELS], [r.task for r in c.records]) for c in exp.clients.values()]))
         tic = time.perf_counter()
         glob = routed(exp, "global")
         route_s = time.perf_counter() - tic
-        n_test = len({r.instruction for _, recs, _, _ in glob for r in recs})
+        n_test = sum(len(rep.tasks) for rep in glob)
         acc = method.eval_report("global", glob)["router_accuracy"]
         label = f"{rt.n_layers} (all)" if depth is None else str(depth)
         rows.append((label, len(train_texts), embed_s, n_test, route_s, local_acc, acc))

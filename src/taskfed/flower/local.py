@@ -88,7 +88,10 @@ def free_port() -> int:
 
 
 def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ, FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0", **extra)
+    # SuperExec polls for tasks (a ClientApp or ServerApp to start) once a second by default: every message
+    # would wait for it. 0.05 s costs a few idle wake-ups and nothing else.
+    env = dict(os.environ, FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0",
+               FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.05", **extra)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # flwr's own children (superexec, clientapp)
     return env
 
