@@ -135,8 +135,9 @@ def _describe(err: ValidationError, source: str, sources: dict[str, str] | None 
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}'."
     msg = first["msg"].removeprefix("Value error, ")
-    if key == "config":  # a model-level check: its message names the keys itself
-        return f"{source}: {msg}."
+    if key == "config":  # a model-level check: its message names the keys itself (and so the --set items)
+        named = [item for set_key, item in (sources or {}).items() if set_key in msg]
+        return f"{'--set ' + ', --set '.join(named) if named else source}: {msg}."
     if first["type"] in ("int_type", "float_type", "string_type", "bool_type", "list_type", "model_type", "dict_type"):
         msg += f", got {_kind(first.get('input'))}"
     return f"{source}: bad value for '{key}': {msg}."
@@ -164,7 +165,8 @@ def check_values(raw: Any, source: str, sources: dict[str, str] | None = None, p
     while stack:
         key, value, depth = stack.pop()
         if depth > MAX_DEPTH:
-            raise TaskfedError(f"{blame(key, source, sources)}: '{key}' is nested more than {MAX_DEPTH} levels deep.")
+            shown = key if len(key) < 60 else key[:key.index("[")] + "[0]..." if "[" in key else key[:60] + "..."
+            raise TaskfedError(f"{blame(key, source, sources)}: '{shown}' is nested more than {MAX_DEPTH} levels deep.")
         if isinstance(value, float) and not math.isfinite(value):
             raise TaskfedError(f"{blame(key, source, sources)}: bad value for '{key}': {value} is not a finite number.")
         if isinstance(value, dict):

@@ -204,14 +204,15 @@ def claim_folder(out: Path, resolved: dict, grid: list[Cell]) -> None:
 def run_bench(suite_path: Path, out: Path, smoke: bool = False, device: str | None = None,
               log: Callable[[str], None] = print, command: str | None = None) -> list[Cell]:
     """Runs every unfinished cell of the suite into `out`, then writes out/report.md."""
-    from taskfed.bench.report import write_report
-    from taskfed.run import run_experiment
-    from taskfed.runtime import Runtime
-
     suite = load_suite(suite_path)
     grid = cells(suite, str(suite_path), smoke, device)
     resolved = {"suite": suite.model_dump(), "smoke": smoke, "device": device}
     claim_folder(out, resolved, grid)  # only now that every cell validated
+    # torch, matplotlib and the methods: only once the suite is valid
+    from taskfed.bench.report import write_report
+    from taskfed.run import run_experiment
+    from taskfed.runtime import Runtime
+
     runs = json.loads((out / "runs.json").read_text()) if (out / "runs.json").exists() else []
     runs.append({"commit": git_commit(), "command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     (out / "runs.json").write_text(json.dumps(runs, indent=2))
