@@ -441,7 +441,7 @@ def _check(result_code: int, output: str, elapsed: float, folder: Path) -> None:
 def test_fuzz_configs_and_data_in_process(tmp_path):
     base, train = _fuzz_setup(tmp_path)
     rng, codes = random.Random(18), []
-    for i in range(120):
+    for i in range(100):
         cfg_bytes, data_bytes = _fuzz_case(rng, base, train)
         (tmp_path / "c.toml").write_bytes(cfg_bytes)
         (tmp_path / "train.json").write_bytes(data_bytes)
@@ -452,13 +452,13 @@ def test_fuzz_configs_and_data_in_process(tmp_path):
         _check(result.exit_code, result.output, time.monotonic() - tic, tmp_path)
         assert out.exists() == (result.exit_code == 0)
         codes.append(result.exit_code)
-    assert codes.count(2) > 60 and codes.count(0) >= 3  # both kinds of outcome were exercised
+    assert codes.count(2) > 50 and codes.count(0) >= 3  # both kinds of outcome were exercised
 
 
 def test_fuzz_a_few_real_subprocess_runs(tmp_path):
     base, train = _fuzz_setup(tmp_path)
     rng = random.Random(7)
-    for i in range(3):
+    for i in range(2):
         cfg_bytes, data_bytes = _fuzz_case(rng, base, train) if i else (tomli_w.dumps(base).encode(), json.dumps(train).encode())
         (tmp_path / "c.toml").write_bytes(cfg_bytes)
         (tmp_path / "train.json").write_bytes(data_bytes)

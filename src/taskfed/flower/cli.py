@@ -27,9 +27,11 @@ def simulate(config: Path, out: Path = typer.Option(..., help="run folder to wri
              workers: Optional[int] = typer.Option(None, help="Ray workers (default: CPUs, at most one per client)")):
     """Run CONFIG on Flower's Simulation Engine, one SuperNode per client."""
     from taskfed.config import load_config, smoke
+    from taskfed.runfolder import check_out
 
     with guarded(sigterm=True):
         cfg = load_config(config, set_ or [])
+        check_out(out)
         from taskfed.flower.simulation import simulate as run  # flwr, torch: only once the config is valid
 
         metrics = run(smoke(cfg) if smoke_run else cfg, out, workers=workers)
