@@ -363,6 +363,17 @@ def test_parents_created_for_a_failed_run_are_removed(tmp_path):
     assert (tmp_path / "x" / "run").is_dir()
 
 
+def test_a_run_that_fails_midway_leaves_no_parent_folders(tmp_path, monkeypatch):
+    def boom(self):
+        raise TaskfedError("boom")
+
+    monkeypatch.setattr(taskfed.run.Experiment, "train", boom)
+    monkeypatch.chdir(ROOT)
+    result = _cli("run", ROOT / "configs" / "fedavg.toml", "--out", tmp_path / "new" / "deep" / "run", "--smoke")
+    assert _one_error(result) == "error: boom"
+    assert list(tmp_path.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------- 10. fuzz
 BAD_VALUES = [True, False, "2", "", -1, 0, 10**30, float("inf"), float("-inf"), float("nan"), 1e-300, [], [1, "a"],
               {}, {"x": 1}, "x" * 300, "[/x]", "\u0000", 2**63, 0.5]

@@ -70,14 +70,21 @@ def _on_sigterm(signum, frame) -> None:
 def guarded(sigterm: bool = False) -> Iterator[None]:
     """A command's body: failures printed as one line with the exit codes above. `sigterm`: turn SIGTERM into
     `Terminated` for the block (commands that write run folders)."""
-    previous = None
+    installed, previous = False, None
     if sigterm:
         try:
-            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+            previous, installed = signal.signal(signal.SIGTERM, _on_sigterm), True
         except ValueError:  # not the main thread: leave SIGTERM alone
-            previous = None
+            pass
     try:
-        yield
+        try:
+            yield
+        except BaseException:
+            # Parent folders created for a run folder that was then removed (runfolder.prepare_out).
+            from taskfed.runfolder import discard_orphans
+
+            discard_orphans()
+            raise
     except TaskfedError as exc:
         say("error:", "red", str(exc))
         raise typer.Exit(code=2) from None
@@ -97,5 +104,5 @@ def guarded(sigterm: bool = False) -> Iterator[None]:
             traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
         raise typer.Exit(code=1) from None
     finally:
-        if sigterm and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if installed:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

@@ -79,6 +79,12 @@ def discard(tmp: Path | None) -> None:
         _remove_empty(_CREATED.pop(Path(tmp), []))
 
 
+def discard_orphans() -> None:
+    """Parent folders recorded for temporary folders that are gone (a driver removed its run folder itself)."""
+    for tmp in [t for t in _CREATED if not t.exists()]:
+        _remove_empty(_CREATED.pop(tmp))
+
+
 def _remove_empty(folders: list[Path]) -> None:
     for folder in folders:  # deepest first; one that holds anything now (someone else's) stays
         try:
