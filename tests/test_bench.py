@@ -157,7 +157,8 @@ def test_interrupted_bench_resumes_to_the_same_report(suite_file: Path, tmp_path
 
 def test_a_changed_suite_does_not_mix_into_an_old_bench(suite_file: Path, tmp_path: Path):
     out = tmp_path / "b"
-    out.mkdir()
+    (out / "dual" / "fedavg" / "seed-0").mkdir(parents=True)
+    (out / "dual" / "fedavg" / "seed-0" / "metrics.json").write_text("{}")  # a finished cell of the other suite
     (out / "suite.json").write_text(json.dumps({"suite": {"name": "other"}, "smoke": True, "device": None}))
     with pytest.raises(TaskfedError, match="different suite"):
         run_bench(suite_file, out, smoke=True, log=lambda s: None)

@@ -61,8 +61,10 @@ def test_scenario_errors_name_the_problem():
         partition(_records(), "nope", 4, seed=0)
     with pytest.raises(TaskfedError, match="multiple of the 4 tasks"):
         partition(_records(), "dual", 3, seed=0)
-    with pytest.raises(TaskfedError, match="client .* got no training rows"):
+    with pytest.raises(TaskfedError, match="20 clients but only 8 training rows"):
         partition(_records(n=2), "iid", 20, seed=0)
+    with pytest.raises(TaskfedError, match="client .* got no training rows"):
+        partition(_records(n=2), "dirichlet", 7, seed=0)
 
 
 def test_json_loader_errors_name_file_and_row(tmp_path):

@@ -12,21 +12,31 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import typer
-from rich.console import Console
 
-from taskfed.errors import TaskfedError
+from taskfed import __version__
+from taskfed.guard import guarded, say
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Task-centric personalized federated fine-tuning.")
-console = Console(stderr=True)
+# Only typer, rich and pydantic are imported before a command runs: a config is validated before torch,
+# transformers or a method file is imported (benchmarks/startup.py). No pretty exceptions: they print
+# local variables (clients' training rows); guard.guarded prints one line instead.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Task-centric personalized federated fine-tuning.")
 
 
-def _fail(exc: TaskfedError) -> None:
-    console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
+def _version(value: bool) -> None:
+    if value:
+        print(f"taskfed {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Task-centric personalized federated fine-tuning."""
 
 
 def _log(message: str) -> None:
-    console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {message}", highlight=False)
+    say(time.strftime("%H:%M:%S"), "dim", message)
 
 
 @app.command()
@@ -38,17 +48,18 @@ def run(
 ) -> None:
     """Run one experiment and write its run folder."""
     from taskfed.config import load_config, smoke as smoke_config
-    from taskfed.run import run_experiment
+    from taskfed.runfolder import check_out
 
-    try:
+    with guarded(sigterm=True):
         cfg = load_config(config, set_ or [])
         if smoke:
             cfg = smoke_config(cfg)
+        check_out(out)
+        from taskfed.run import run_experiment  # torch and the methods: only once the config is valid
+
         metrics = run_experiment(cfg, out, log=_log)
-    except TaskfedError as exc:
-        _fail(exc)
     scores = ", ".join(f"{m} {e['score']:.4f}" for m, e in metrics["eval"].items() if e["score"] is not None)
-    console.print(f"[green]done[/green] {metrics['method']}: {scores}; run folder {out}")
+    say("done", "green", f"{metrics['method']}: {scores}; run folder {out}")
 
 
 @app.command()
@@ -58,13 +69,11 @@ def demo(
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key (repeatable)."),
     smoke: bool = typer.Option(False, "--smoke", help="Tiny model, minimal budget."),
 ) -> None:
-    """Local and FedAvg on BIG-bench tasks in the dual scenario with SmolLM2; prints a score table."""
+    """Local, FedAvg and FedRouter on BIG-bench tasks in the dual scenario with SmolLM2; prints a score table."""
     from taskfed.demo import run_demo
 
-    try:
+    with guarded(sigterm=True):
         table = run_demo(out, config, set_ or [], smoke, log=_log)
-    except TaskfedError as exc:
-        _fail(exc)
     print(table)
 
 
@@ -78,11 +87,9 @@ def bench(
     """Run every unfinished cell of a suite (an interrupted bench resumes), then write DIR/report.md."""
     from taskfed.bench.suite import run_bench
 
-    try:
+    with guarded(sigterm=True):
         grid = run_bench(suite, out, smoke=smoke, device=device, log=_log, command=" ".join(["taskfed"] + sys.argv[1:]))
-    except TaskfedError as exc:
-        _fail(exc)
-    console.print(f"[green]done[/green] {len(grid)} cells; report {out / 'report.md'}")
+    say("done", "green", f"{len(grid)} cells; report {out / 'report.md'}")
 
 
 @app.command()
@@ -90,11 +97,9 @@ def report(folder: Path = typer.Argument(..., help="A bench folder.")) -> None:
     """Rebuild DIR/report.md and its figures from the run folders alone."""
     from taskfed.bench.report import write_report
 
-    try:
+    with guarded():
         path = write_report(folder)
-    except TaskfedError as exc:
-        _fail(exc)
-    console.print(f"[green]done[/green] {path}")
+    say("done", "green", str(path))
 
 
 from taskfed.flower.cli import app as flower_app  # noqa: E402  (imports flwr only when a command runs)

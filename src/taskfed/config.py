@@ -1,20 +1,35 @@
-"""Validated run configuration: TOML in, pydantic models, one clear sentence out on a typo or bad value."""
+"""Validated run configuration: TOML in, pydantic models, one clear sentence out on a typo or bad value.
+
+Validation imports neither torch nor a method's code (`taskfed.methods.check_params` reads the methods'
+parameter models from their source), so a config mistake is reported in well under 2 s
+(`benchmarks/startup.py`). What is checked: types strictly (`rounds = true` or `rounds = "2"` is refused,
+an int is accepted where a float is meant), every number finite and in range, cross-field contradictions,
+and a budget cap (`MAX_TRAIN_ROWS`); model-dependent sizes (LoRA memory, layer and device names) are checked
+once the model's dimensions are known, before training (`taskfed.model.loading.check_fit`).
+"""
 
 from __future__ import annotations
 
+import math
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from taskfed.errors import TaskfedError
 
 CONFIG_VERSION = 1
+# rounds x clients per round x steps x batch: 1e9 rows is ~1e5 times the demo and far beyond any budget
+# this harness is meant for; a larger product is a typo (an extra digit or three) caught before it costs days.
+MAX_TRAIN_ROWS = 10**9
+MAX_DEPTH = 16  # tables and lists inside each other; a config needs 3
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: no coercion of true/"2" into ints; allow_inf_nan=False: a float field refuses inf and nan.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -27,50 +42,58 @@ class DataConfig(_Strict):
     unseen_tasks: list[str] = Field(default_factory=list, description="held out of training, evaluated only")
     max_train_per_task: int | None = Field(default=None, ge=2)
     template: Literal["alpaca", "plain"] = "alpaca"
-    max_length: int = Field(default=256, ge=16)
+    max_length: int = Field(default=256, ge=16, le=32768)
 
 
 class ScenarioConfig(_Strict):
     name: Literal["single", "dual", "iid", "dirichlet"] = "dual"
-    n_clients: int = Field(default=8, ge=1)
+    n_clients: int = Field(default=8, ge=1, le=100_000)
     clients_per_round: int | None = Field(default=None, ge=1, description="sampled per round; default all")
-    alpha: float = Field(default=0.5, gt=0)
+    alpha: float = Field(default=0.5, gt=0, le=1e6)
 
 
 class ModelConfig(_Strict):
     name: str = "smollm2"  # tiny | smollm2 | a hub id or local folder
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # Which of these exist is checked against the machine when the model loads (loading.check_device).
     device: str = "cpu"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"cpu|mps|cuda(:[0-9]+)?", v):
+            raise ValueError(f"unknown device '{v}' (expected cpu, cuda, cuda:N or mps)")
+        return v
 
 
 class LoraConfig(_Strict):
-    r: int = Field(default=8, ge=1)
-    alpha: float = Field(default=16, gt=0)
+    r: int = Field(default=8, ge=1)  # its memory is checked against the model's dimensions (loading.check_fit)
+    alpha: float = Field(default=16, gt=0, le=1e6)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
 
 
 class TrainConfig(_Strict):
-    rounds: int = Field(default=10, ge=1)
-    steps: int = Field(default=10, ge=1)
-    batch: int = Field(default=16, ge=1)
-    lr_max: float = Field(default=5e-4, gt=0)
-    lr_min: float = Field(default=1e-5, ge=0)
+    rounds: int = Field(default=10, ge=1, le=100_000)
+    steps: int = Field(default=10, ge=1, le=1_000_000)
+    batch: int = Field(default=16, ge=1, le=65_536)
+    lr_max: float = Field(default=5e-4, gt=0, le=10)
+    lr_min: float = Field(default=1e-5, ge=0, le=10)
     concurrent: bool = Field(default=True, description="pack several jobs into one batch on the bank")
     # Packing pays on a GPU (fills it); on a CPU a step is compute-bound and activation memory grows with
     # the rows of a forward pass (64 x 256 tokens of SmolLM2 take about 20 GB), so keep it small there.
-    max_rows_per_batch: int = Field(default=16, ge=1, description="rows per forward pass when packing")
+    max_rows_per_batch: int = Field(default=16, ge=1, le=65_536, description="rows per forward pass when packing")
 
 
 class EvalConfig(_Strict):
-    modes: list[Literal["local", "global", "unseen"]] = Field(default_factory=lambda: ["local", "global"])
+    modes: list[Literal["local", "global", "unseen"]] = Field(default_factory=lambda: ["local", "global"], min_length=1)
     max_rows_per_task: int | None = Field(default=50, ge=1)
-    batch_size: int = Field(default=16, ge=1)
-    max_new_tokens: int = Field(default=64, ge=1, description="cap on the per-task budget")
+    batch_size: int = Field(default=16, ge=1, le=65_536)
+    max_new_tokens: int = Field(default=64, ge=1, le=32768, description="cap on the per-task budget")
 
 
 class RunConfig(_Strict):
     version: int = CONFIG_VERSION
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**63)  # numpy's seeding range
     method: dict[str, Any] = Field(default_factory=lambda: {"name": "fedavg"})
     data: DataConfig = DataConfig()
     scenario: ScenarioConfig = ScenarioConfig()
@@ -85,6 +108,19 @@ class RunConfig(_Strict):
             raise ValueError(f"unsupported config version {self.version} (this taskfed reads {CONFIG_VERSION})")
         if "name" not in self.method:
             raise ValueError("method.name is required")
+        t, s = self.train, self.scenario
+        if t.lr_min > t.lr_max:
+            raise ValueError(f"train.lr_min = {t.lr_min} is above train.lr_max = {t.lr_max} (the cosine schedule "
+                             f"runs from lr_max down to lr_min)")
+        if len(set(self.eval.modes)) != len(self.eval.modes):
+            raise ValueError(f"eval.modes lists a mode twice: {self.eval.modes}")
+        if s.clients_per_round is not None and s.clients_per_round > s.n_clients:
+            raise ValueError(f"scenario.clients_per_round = {s.clients_per_round} is above scenario.n_clients = "
+                             f"{s.n_clients}")
+        rows = t.rounds * (s.clients_per_round or s.n_clients) * t.steps * t.batch
+        if rows > MAX_TRAIN_ROWS:
+            raise ValueError(f"the budget trains {rows:.3g} rows (train.rounds x clients per round x train.steps x "
+                             f"train.batch), above the cap of {MAX_TRAIN_ROWS:.0e}: check for a typo")
         return self
 
     @property
@@ -92,34 +128,78 @@ class RunConfig(_Strict):
         return str(self.method["name"])
 
 
-def _describe(err: ValidationError, source: str) -> str:
+def _describe(err: ValidationError, source: str, sources: dict[str, str] | None = None) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "config"
+    source = blame(key, source, sources)
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}'."
-    return f"{source}: bad value for '{key}': {first['msg']}."
+    msg = first["msg"].removeprefix("Value error, ")
+    if key == "config":  # a model-level check: its message names the keys itself (and so the --set items)
+        named = [item for set_key, item in (sources or {}).items() if set_key in msg]
+        return f"{'--set ' + ', --set '.join(named) if named else source}: {msg}."
+    if first["type"] in ("int_type", "float_type", "string_type", "bool_type", "list_type", "model_type", "dict_type"):
+        msg += f", got {_kind(first.get('input'))}"
+    return f"{source}: bad value for '{key}': {msg}."
+
+
+def _kind(value: Any) -> str:
+    """A short description of a wrong value: its type and, when short, the value."""
+    text = repr(value)
+    return f"{type(value).__name__} {text}" if len(text) <= 40 else type(value).__name__
+
+
+def blame(key: str, source: str, sources: dict[str, str] | None) -> str:
+    """The --set item that set `key` (or a table above it) when one did, else `source` (the file)."""
+    for set_key, item in (sources or {}).items():
+        if key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + "."):
+            return f"--set {item}"
+    return source
+
+
+def check_values(raw: Any, source: str, sources: dict[str, str] | None = None, prefix: str = "") -> None:
+    """Every number finite and the nesting shallow, in any table (the method's too), with the key named.
+
+    Iterative, so a structure nested thousands deep is refused instead of overflowing the stack."""
+    stack: list[tuple[str, Any, int]] = [(prefix, raw, 0)]
+    while stack:
+        key, value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            shown = key if len(key) < 60 else key[:key.index("[")] + "[0]..." if "[" in key else key[:60] + "..."
+            raise TaskfedError(f"{blame(key, source, sources)}: '{shown}' is nested more than {MAX_DEPTH} levels deep.")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TaskfedError(f"{blame(key, source, sources)}: bad value for '{key}': {value} is not a finite number.")
+        if isinstance(value, dict):
+            stack += [(f"{key}.{k}" if key else str(k), v, depth + 1) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(f"{key}[{i}]", v, depth + 1) for i, v in enumerate(value)]
 
 
 def _parse_value(text: str) -> Any:
     """A --set value is read as a TOML value when it parses (numbers, booleans, lists), else as a string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         return text
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: list[str], sources: dict[str, str] | None = None) -> dict[str, Any]:
+    """`key=value` items into `raw`; `sources` (when given) records which item set which key, for errors."""
     for item in overrides:
         if "=" not in item:
             raise TaskfedError(f"--set {item}: expected key=value.")
         key, value = item.split("=", 1)
-        node = raw
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        if not all(p.strip() for p in parts):
+            raise TaskfedError(f"--set {item}: expected key=value with a dotted key such as train.rounds=3.")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise TaskfedError(f"--set {item}: '{part}' is not a table.")
+                raise TaskfedError(f"--set {item}: '{'.'.join(parts[:i + 1])}' is not a table.")
         node[parts[-1]] = _parse_value(value.strip())
+        if sources is not None:
+            sources[".".join(parts)] = item
     return raw
 
 
@@ -134,33 +214,54 @@ def smoke(cfg: RunConfig) -> RunConfig:
 
 
 def read_toml(path: Path, what: str) -> dict[str, Any]:
-    """A TOML file's table; a missing file or malformed TOML is one sentence naming the file."""
+    """A TOML file's table; a missing file, bytes that are not UTF-8, malformed or absurdly nested TOML is
+    one sentence naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise TaskfedError(f"{path}: {what} file is a directory.")
     if not path.is_file():
         raise TaskfedError(f"{path}: {what} file does not exist.")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TaskfedError(f"{path}: {what} file is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+                           f"offset {exc.start}).") from None
+    except OSError as exc:
+        raise TaskfedError(f"{path}: cannot read the {what} file ({exc.strerror}).") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise TaskfedError(f"{path}: malformed TOML ({exc}).") from None
+    except RecursionError:
+        raise TaskfedError(f"{path}: malformed TOML (nested too deep).") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """A validated config from a file (or None: the defaults) and --set items. An empty file is refused: it
+    would run every default (FedAvg on SmolLM2, 10 rounds), which a user who meant anything else would
+    only notice after the run; `version = 1` alone says "the defaults" on purpose."""
     raw: dict[str, Any] = {}
     source = "--set"
     if path is not None:
         path = Path(path)
         source = str(path)
         raw = read_toml(path, "config")
-    return validate_config(apply_overrides(raw, overrides or []), source)
+        if not raw:
+            raise TaskfedError(f"{path}: the config file is empty (write `version = 1` to run every default).")
+    sources: dict[str, str] = {}
+    return validate_config(apply_overrides(raw, overrides or [], sources), source, sources)
 
 
-def validate_config(raw: dict[str, Any], source: str) -> RunConfig:
-    """A run config from a raw dict; errors name `source` (a file, or a file and the place inside it)."""
+def validate_config(raw: dict[str, Any], source: str, sources: dict[str, str] | None = None) -> RunConfig:
+    """A run config from a raw dict; errors name `source` (a file, or a file and the place inside it), or
+    the --set item (`sources`: key -> item) that set the bad key."""
+    check_values(raw, source, sources)
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
-        raise TaskfedError(_describe(exc, source)) from None
-    # Method-specific keys are validated by the method's own parameter model.
-    from taskfed.methods import method_params
+        raise TaskfedError(_describe(exc, source, sources)) from None
+    # Method-specific keys are validated by the method's own parameter model, read without importing torch.
+    from taskfed.methods import check_params
 
-    method_params(cfg.method, source)
+    check_params(cfg.method, lambda key: blame(key, source, sources))
     return cfg

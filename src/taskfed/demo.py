@@ -7,10 +7,6 @@ from pathlib import Path
 from typing import Callable
 
 from taskfed.config import load_config, smoke as smoke_config
-from taskfed.methods import method_params
-from taskfed.report import compare_table
-from taskfed.run import run_experiment
-from taskfed.runtime import Runtime
 
 DEMO_CONFIG = Path(__file__).with_name("demo.toml")
 # Each entry is a [method] table applied to the demo config.
@@ -22,6 +18,12 @@ def run_demo(out: Path, config: Path | None, overrides: list[str], smoke: bool,
     base = load_config(config or DEMO_CONFIG, overrides)
     if smoke:
         base = smoke_config(base)
+    # torch, transformers and the methods: only once the config is valid (a mistake prints in under 2 s)
+    from taskfed.methods import method_params
+    from taskfed.report import compare_table
+    from taskfed.run import run_experiment
+    from taskfed.runtime import Runtime
+
     rt = None
     rows = []
     for table in methods:

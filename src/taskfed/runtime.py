@@ -16,7 +16,7 @@ from taskfed.data.prompts import render
 from taskfed.data.records import Record
 from taskfed.memory import tune_heap
 from taskfed.model.bank import AdapterBank, AdapterWeights, RowMix
-from taskfed.model.loading import load_base
+from taskfed.model.loading import check_fit, load_base
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -38,6 +38,7 @@ class Runtime:
                                          seed=cfg.seed)
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
+        check_fit(model, cfg)  # layer names and LoRA memory, before the bank allocates
         self.bank = AdapterBank(model, n_slots=4, r=cfg.lora.r, alpha=cfg.lora.alpha,
                                 target_modules=cfg.lora.target_modules, dtype=DTYPES[cfg.model.dtype])
         self._encoded: dict[tuple[str, str], Encoded] = {}

@@ -10,8 +10,10 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from taskfed.bench import figures
 from taskfed.bench.stats import CLAIMS, Summary, best_baseline, mean_ci, relative_gain
@@ -37,19 +39,89 @@ class CellRun:
         return self.metrics["scenario"]
 
 
+# What the report reads of a metrics.json, checked (strictly: a string score is not a number) before any
+# table is built, so a hand-edited file is one sentence naming it and the key, never a traceback or a NaN.
+class _Lax(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Score = Annotated[float, Field(allow_inf_nan=False, ge=0, le=1)]
+
+
+class _Task(_Lax):
+    rouge1: Score
+
+
+class _Client(_Lax):
+    score: Score | None = None
+    per_task: dict[str, _Task] = Field(default_factory=dict)
+
+
+class _Mode(_Lax):
+    score: Score | None = None
+    per_client: dict[str, _Client] = Field(default_factory=dict)
+    seconds: Finite = 0.0
+    router_accuracy: Score | None = None
+    router_confusion: dict[str, list[Finite]] | None = None
+    clustering_accuracy_per_round: list[Score | None] | None = None
+
+
+class _Round(_Lax):
+    train_loss: float | None = None  # NaN where a round trained nothing
+    seconds: Finite = 0.0
+    train_tokens: Annotated[int, Field(ge=0)] = 0
+
+
+class _Metrics(_Lax):
+    method: str
+    scenario: str
+    seed: int
+    bytes_communicated: Annotated[Finite, Field(ge=0)]
+    rounds: list[_Round]
+    eval: dict[str, _Mode]
+    setup_seconds: Finite = 0.0
+
+
+def _check_metrics(path: Path, metrics: object) -> None:
+    if not isinstance(metrics, dict):
+        raise TaskfedError(f"{path}: not a taskfed metrics file (a JSON {type(metrics).__name__}, not an object).")
+    for key in ("method", "scenario", "seed", "eval", "rounds", "bytes_communicated"):
+        if key not in metrics:
+            raise TaskfedError(f"{path}: not a taskfed metrics file (no '{key}').")
+    try:
+        _Metrics.model_validate(metrics)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise TaskfedError(f"{path}: bad value for '{key}': {first['msg']}.") from None
+
+
 def collect(folder: Path) -> list[CellRun]:
     """Every finished cell under `folder` (<scenario>/<method>/seed-<s>/metrics.json), sorted."""
     runs = []
     for path in sorted(folder.glob("*/*/seed-*/metrics.json")):
         try:
-            metrics = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            metrics = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise TaskfedError(f"{path}: unreadable metrics ({exc}).") from None
-        for key in ("method", "scenario", "seed", "eval", "rounds", "bytes_communicated"):
-            if key not in metrics:
-                raise TaskfedError(f"{path}: not a taskfed metrics file (no '{key}').")
+        except RecursionError:
+            raise TaskfedError(f"{path}: unreadable metrics (nested too deep).") from None
+        _check_metrics(path, metrics)
         runs.append(CellRun(path.parent.parent.parent.name, path.parent.parent.name, int(metrics["seed"]), metrics))
     return runs
+
+
+def _read_stamp(stamp: Path) -> dict:
+    """The suite a bench folder's stamp names (only its order of scenarios and methods is used)."""
+    try:
+        suite = json.loads(stamp.read_text(encoding="utf-8"))["suite"]
+        order = [(spec["label"], [t.get("label", t.get("name")) for t in spec["methods"]]) for spec in suite.get("scenario", [])]
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as exc:
+        raise TaskfedError(f"{stamp}: not a bench stamp ({type(exc).__name__}: {exc}).") from None
+    if not all(isinstance(label, str) for label, _ in order):
+        raise TaskfedError(f"{stamp}: not a bench stamp (a scenario label is not a string).")
+    return suite
 
 
 def _fmt(s: Summary, digits: int = 4) -> str:
@@ -293,7 +365,7 @@ def build_report(folder: Path) -> str:
     if not runs:
         raise TaskfedError(f"{folder}: no finished runs (<scenario>/<method>/seed-<s>/metrics.json) to report on.")
     stamp = folder / "suite.json"
-    suite = json.loads(stamp.read_text())["suite"] if stamp.exists() else {}
+    suite = _read_stamp(stamp) if stamp.exists() else {}
     runs = suite_order(runs, suite)
     t = BenchTables(runs, suite.get("baselines", BASELINES))
     lines = [f"# Bench report: {suite.get('name', folder.name)}", ""]

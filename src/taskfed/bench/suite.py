@@ -28,6 +28,7 @@ generation cache.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -42,13 +43,29 @@ from taskfed.errors import TaskfedError
 
 SUITE_VERSION = 1
 BASELINES = ["local", "fedavg", "fedprox", "clustered", "ifca"]
+# A label is one folder name under --out: letters, digits, '_', '.', '-', not starting with '.' or '-'
+# (so never '', '.', '..', a hidden name or a path).
+LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+BENCH_FILES = {"suite.json", "suite.toml", "runs.json", "report.md", "figures"}  # what a bench writes itself
+
+
+def check_label(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not LABEL.fullmatch(value):
+        raise ValueError(f"{what} {value!r} is not a folder name (letters, digits, '_', '.', '-'; not starting "
+                         f"with '.' or '-')")
+    return value
 
 
 class ScenarioSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    label: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    label: str
     config: dict[str, Any] = Field(default_factory=dict, description="merged over [base]")
     methods: list[dict[str, Any]] = Field(min_length=1)
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, v: str) -> str:
+        return check_label(v, "label")
 
 
 class Suite(BaseModel):
@@ -107,7 +124,11 @@ def cells(suite: Suite, source: str, smoke: bool = False, device: str | None = N
     for spec in suite.scenario:
         for table in spec.methods:
             table = dict(table)
-            label = str(table.pop("label", table.get("name", "")))
+            label = table.pop("label", table.get("name", ""))
+            try:
+                check_label(label, "method label")
+            except ValueError as exc:
+                raise TaskfedError(f"{source}, scenario '{spec.label}': {exc}.") from None
             if (spec.label, label) in seen:
                 raise TaskfedError(f"{source}: scenario '{spec.label}' lists method '{label}' twice "
                                    f"(give one of them a distinct 'label').")
@@ -145,26 +166,53 @@ def git_commit() -> str | None:
         return None
 
 
+def _finished(out: Path) -> list[Path]:
+    return sorted(out.glob("*/*/seed-*/metrics.json"))
+
+
+def claim_folder(out: Path, resolved: dict, grid: list[Cell]) -> None:
+    """`out` as this suite's bench folder: new, empty, or a bench of the same suite and options (resumed).
+    A folder holding anything else is refused untouched. A stamp (suite.json) that no finished cell backs
+    (a bench that failed before its first cell finished) is replaced: nothing of it would be mixed in."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TaskfedError(f"--out {out}: exists and is not a folder.")
+    stamp = out / "suite.json"
+    if out.is_dir() and any(out.iterdir()):
+        if not stamp.is_file():
+            raise TaskfedError(f"--out {out}: the folder holds files and is not a bench (no suite.json); "
+                               f"use a new or empty folder.")
+        try:
+            before = json.loads(stamp.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            before = None
+        if before == resolved:
+            return  # resume
+        cell_dirs = {c.path.parts[0] for c in grid}
+        strangers = [p.name for p in out.iterdir() if p.name not in BENCH_FILES | cell_dirs]
+        if _finished(out) or strangers or before is None:
+            raise TaskfedError(f"{out}: holds a bench of a different suite or options ({stamp}); "
+                               f"use another --out folder.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TaskfedError(f"--out {out}: cannot create the bench folder ({exc.strerror or exc}).") from None
+    stamp.write_text(json.dumps(resolved, indent=2, sort_keys=True))
+    (out / "suite.toml").write_text(tomli_w.dumps(resolved["suite"]))
+
+
 def run_bench(suite_path: Path, out: Path, smoke: bool = False, device: str | None = None,
               log: Callable[[str], None] = print, command: str | None = None) -> list[Cell]:
     """Runs every unfinished cell of the suite into `out`, then writes out/report.md."""
+    suite = load_suite(suite_path)
+    grid = cells(suite, str(suite_path), smoke, device)
+    resolved = {"suite": suite.model_dump(), "smoke": smoke, "device": device}
+    claim_folder(out, resolved, grid)  # only now that every cell validated
+    # torch, matplotlib and the methods: only once the suite is valid
     from taskfed.bench.report import write_report
     from taskfed.run import run_experiment
     from taskfed.runtime import Runtime
 
-    suite = load_suite(suite_path)
-    grid = cells(suite, str(suite_path), smoke, device)
-    out.mkdir(parents=True, exist_ok=True)
-    resolved = {"suite": suite.model_dump(), "smoke": smoke, "device": device}
-    stamp = out / "suite.json"
-    if stamp.exists():
-        before = json.loads(stamp.read_text())
-        if before != resolved:
-            raise TaskfedError(f"{out}: holds a bench of a different suite or options ({stamp}); "
-                               f"use another --out folder.")
-    else:
-        stamp.write_text(json.dumps(resolved, indent=2, sort_keys=True))
-        (out / "suite.toml").write_text(tomli_w.dumps(suite.model_dump()))
     runs = json.loads((out / "runs.json").read_text()) if (out / "runs.json").exists() else []
     runs.append({"commit": git_commit(), "command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     (out / "runs.json").write_text(json.dumps(runs, indent=2))

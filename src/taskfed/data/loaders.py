@@ -9,33 +9,67 @@ from taskfed.data.records import Record, record_from_dict
 from taskfed.errors import TaskfedError
 
 
-def _read_json_rows(path: Path) -> list[Record]:
+def read_text(path: Path, what: str = "data file") -> str:
+    """A text file's content; missing, a folder, unreadable or not UTF-8: one sentence naming the file."""
+    if path.is_dir():
+        raise TaskfedError(f"{path}: {what} is a directory, not a file.")
     if not path.exists():
-        raise TaskfedError(f"{path}: data file does not exist.")
-    text = path.read_text(encoding="utf-8")
+        raise TaskfedError(f"{path}: {what} does not exist.")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TaskfedError(f"{path}: cannot read the {what} ({exc.strerror or exc}).") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise TaskfedError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                           f"{exc.start}).") from None
+
+
+def _loads(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TaskfedError(f"{where}: malformed JSON at line {exc.lineno} ({exc.msg}).") from None
+    except RecursionError:  # a JSON value nested thousands deep; a record nests one level
+        raise TaskfedError(f"{where}: malformed JSON (nested too deep).") from None
+
+
+def _read_json_rows(path: Path) -> list[Record]:
+    text = read_text(path)
     if path.suffix == ".jsonl":
         rows = []
         for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TaskfedError(f"{path}, line {lineno}: malformed JSON ({exc.msg}).") from None
-            rows.append(record_from_dict(raw, f"{path}, line {lineno}"))
+            if line.strip():
+                raw = _loads(line, f"{path}, line {lineno}")
+                rows.append(record_from_dict(raw, f"{path}, line {lineno}"))
         return rows
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise TaskfedError(f"{path}: malformed JSON at line {exc.lineno} ({exc.msg}).") from None
+    raw = _loads(text, str(path))
     if not isinstance(raw, list):
         raise TaskfedError(f"{path}: expected a JSON list of records, got {type(raw).__name__}.")
     return [record_from_dict(row, f"{path}, row {i}") for i, row in enumerate(raw)]
 
 
+def _nonempty(rows: list[Record], path: Path, what: str) -> list[Record]:
+    if not rows:
+        raise TaskfedError(f"{path}: the {what} file holds no records.")
+    return rows
+
+
+def _matched(train: list[Record], test: list[Record], path: Path) -> tuple[list[Record], list[Record]]:
+    """A test file none of whose rows is of a training task would evaluate nothing at all."""
+    known = {r.task for r in train}
+    if not any(r.task in known for r in test):
+        raise TaskfedError(f"{path}: no test record is of a task the training data has "
+                           f"({', '.join(sorted(known)[:8])}{', ...' if len(known) > 8 else ''}).")
+    return train, test
+
+
 def load_json(train_path: str | Path, test_path: str | Path) -> tuple[list[Record], list[Record]]:
     """Generic JSON (a list of records) or JSONL (a record per line) files."""
-    return _read_json_rows(Path(train_path)), _read_json_rows(Path(test_path))
+    train, test = Path(train_path), Path(test_path)
+    return _matched(_nonempty(_read_json_rows(train), train, "training"), _nonempty(_read_json_rows(test), test, "test"), test)
 
 
 def load_feddpa(directory: str | Path, n_files: int = 8) -> tuple[list[Record], list[Record]]:
@@ -49,7 +83,7 @@ def load_feddpa(directory: str | Path, n_files: int = 8) -> tuple[list[Record], 
     tests = sorted(directory.glob("*.jsonl"))
     if len(tests) != 1:
         raise TaskfedError(f"{directory}: expected exactly one test .jsonl file, found {len(tests)}.")
-    return train, _read_json_rows(tests[0])
+    return _matched(train, _nonempty(_read_json_rows(tests[0]), tests[0], "test"), tests[0])
 
 
 def load_hf(name: str, train_split: str = "train", test_split: str = "test",

@@ -30,6 +30,7 @@ def record_from_dict(row: Any, where: str) -> Record:
             raise TaskfedError(f"{where}: missing field '{field}'.")
         if not isinstance(row[field], str):
             raise TaskfedError(f"{where}: field '{field}' must be a string, got {type(row[field]).__name__}.")
+        _text(row[field], where, field)
     if not row["task"].strip():
         raise TaskfedError(f"{where}: field 'task' is empty.")
     category = row.get("category", "")
@@ -37,7 +38,17 @@ def record_from_dict(row: Any, where: str) -> Record:
         category = ""
     if not isinstance(category, str):
         raise TaskfedError(f"{where}: field 'category' must be a string, got {type(category).__name__}.")
+    _text(category, where, "category")
     return Record(row["instruction"], row["output"], row["task"], category)
+
+
+def _text(value: str, where: str, field: str) -> None:
+    """JSON's \\ud800 escapes decode to lone surrogates: not text a tokenizer (or a UTF-8 file) can hold."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TaskfedError(f"{where}: field '{field}' holds an unpaired surrogate (\\u{ord(value[exc.start]):04x} at "
+                           f"character {exc.start}), which is not valid Unicode text.") from None
 
 
 def tasks_of(records: Iterable[Record]) -> list[str]:

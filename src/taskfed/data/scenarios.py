@@ -41,6 +41,9 @@ def partition(records: list[Record], scenario: str, n_clients: int, seed: int, a
     n_tasks = len(tasks)
     if n_tasks == 0:
         raise TaskfedError("data: no training rows left after removing the unseen tasks.")
+    if n_clients > len(records):  # every scenario gives each client at least one row
+        raise TaskfedError(f"scenario.n_clients: {n_clients} clients but only {len(records)} training rows "
+                           f"(every client needs rows of its own).")
     rng = np.random.default_rng(seed)
     clients: list[list[Record]] = [[] for _ in range(n_clients)]
 
@@ -66,9 +69,12 @@ def partition(records: list[Record], scenario: str, n_clients: int, seed: int, a
     else:  # dirichlet
         for task in tasks:
             rows = by_task[task]
-            shares = rng.dirichlet([alpha] * n_clients)
-            shares[shares < min_share] = 0.0
-            shares /= shares.sum()
+            shares = np.nan_to_num(rng.dirichlet([alpha] * n_clients))  # a tiny alpha can draw 0/0
+            # Drop shares under min_share, but never all of them (with many clients every share is small):
+            # 0/0 would make the cut points NaN.
+            kept = np.where(shares >= min_share, shares, 0.0)
+            shares = kept if kept.sum() > 0 else np.eye(n_clients)[int(np.argmax(shares))]
+            shares = shares / shares.sum()
             order = rng.permutation(len(rows))
             cuts = (np.cumsum(shares)[:-1] * len(rows)).round().astype(int)
             for c, chunk in enumerate(np.split(order, cuts)):

@@ -14,9 +14,10 @@ from typing import Optional
 
 import typer
 
-from taskfed.errors import TaskfedError
+from taskfed.guard import guarded
 
-app = typer.Typer(help="Run taskfed methods on Flower (docs/flower.md).", no_args_is_help=True)
+app = typer.Typer(help="Run taskfed methods on Flower (docs/flower.md).", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
 
 
 @app.command()
@@ -26,31 +27,34 @@ def simulate(config: Path, out: Path = typer.Option(..., help="run folder to wri
              workers: Optional[int] = typer.Option(None, help="Ray workers (default: CPUs, at most one per client)")):
     """Run CONFIG on Flower's Simulation Engine, one SuperNode per client."""
     from taskfed.config import load_config, smoke
-    from taskfed.flower.simulation import simulate as run
+    from taskfed.runfolder import check_out
 
-    try:
+    with guarded(sigterm=True):
         cfg = load_config(config, set_ or [])
+        check_out(out)
+        from taskfed.flower.simulation import simulate as run  # flwr, torch: only once the config is valid
+
         metrics = run(smoke(cfg) if smoke_run else cfg, out, workers=workers)
-    except TaskfedError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
     last = metrics["rounds"][-1]
     typer.echo(f"{len(metrics['rounds'])} rounds on Flower, last loss {last['train_loss']:.4f}; run folder {out}")
 
 
 @app.command()
-def certs(folder: Path):
+def certs(folder: Path, force: bool = typer.Option(False, "--force", help="replace existing files")):
     """Write a throwaway CA and a server certificate for 127.0.0.1/localhost (ca.crt, server.pem, server.key)."""
     from taskfed.flower.local import make_tls
 
-    for name, path in make_tls(folder).items():
+    with guarded():
+        paths = make_tls(folder, force=force)
+    for name, path in paths.items():
         typer.echo(f"{name}: {path}")
 
 
 @app.command("node-key")
-def node_key(folder: Path, name: str):
+def node_key(folder: Path, name: str, force: bool = typer.Option(False, "--force", help="replace an existing key")):
     """Write a SuperNode key pair: NAME (private, for --auth-supernode-private-key) and NAME.pub (to register)."""
     from taskfed.flower.local import make_node_key
 
-    private, public = make_node_key(folder, name)
+    with guarded():
+        private, public = make_node_key(folder, name, force=force)
     typer.echo(f"private: {private}\npublic: {public}")

@@ -26,8 +26,35 @@ BIN = Path(sys.executable).parent
 
 
 # ----------------------------------------------------------------------------- TLS and keys
-def make_tls(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> dict[str, Path]:
-    """A throwaway CA and a server certificate for `hosts`, as PEM files: ca.crt, server.pem, server.key."""
+def _refuse_existing(paths: list[Path], force: bool) -> None:
+    """A key is an identity and a certificate is trusted by someone: never replaced without `--force`."""
+    existing = [str(p) for p in paths if p.exists() or p.is_symlink()]
+    if existing and not force:
+        raise TaskfedError(f"{', '.join(existing)}: already exist{'s' if len(existing) == 1 else ''}; "
+                           f"refusing to overwrite (use --force to replace).")
+    for p in paths:
+        if p.is_dir() and not p.is_symlink():
+            raise TaskfedError(f"{p}: is a directory.")
+
+
+def _check_name(name: str) -> None:
+    """A key's file name inside the folder: no path separators, no `..`, nothing hidden or empty."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or name.startswith("."):
+        raise TaskfedError(f"node key name '{name}': expected a plain file name (no '/', no '..', not hidden).")
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise TaskfedError(f"{folder}: exists and is not a folder.") from None
+    except OSError as exc:
+        raise TaskfedError(f"{folder}: cannot create the folder ({exc.strerror}).") from None
+
+
+def make_tls(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"), force: bool = False) -> dict[str, Path]:
+    """A throwaway CA and a server certificate for `hosts`, as PEM files: ca.crt, server.pem, server.key.
+    Existing files are refused unless `force`."""
     import ipaddress
 
     from cryptography import x509
@@ -35,7 +62,10 @@ def make_tls(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) 
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder)
+    paths = {"ca": folder / "ca.crt", "cert": folder / "server.pem", "key": folder / "server.key"}
+    _refuse_existing(list(paths.values()), force)
+    _make_folder(folder)
     now = datetime.datetime.now(datetime.timezone.utc)
 
     def cert(subject: str, key, issuer: str, issuer_key, ca: bool, sans: list | None = None):
@@ -56,7 +86,6 @@ def make_tls(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) 
     ca = cert("taskfed throwaway CA", ca_key, "taskfed throwaway CA", ca_key, True)
     sans = [x509.IPAddress(ipaddress.ip_address(h)) if h.replace(".", "").isdigit() else x509.DNSName(h) for h in hosts]
     server = cert(hosts[0], server_key, "taskfed throwaway CA", ca_key, False, sans)
-    paths = {"ca": folder / "ca.crt", "cert": folder / "server.pem", "key": folder / "server.key"}
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["cert"].write_bytes(server.public_bytes(serialization.Encoding.PEM))
     paths["key"].write_bytes(server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -65,14 +94,18 @@ def make_tls(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) 
     return paths
 
 
-def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
-    """A SuperNode's EC P-384 key pair in OpenSSH format (what flower-supernode and `flwr supernode register` read)."""
+def make_node_key(folder: Path, name: str, force: bool = False) -> tuple[Path, Path]:
+    """A SuperNode's EC P-384 key pair in OpenSSH format (what flower-supernode and `flwr supernode register` read).
+    `name` is a plain file name inside `folder`; an existing key is refused unless `force`."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    folder.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
+    _check_name(name)
+    folder = Path(folder)
     private, public = folder / name, folder / f"{name}.pub"
+    _refuse_existing([private, public], force)
+    _make_folder(folder)
+    key = ec.generate_private_key(ec.SECP384R1())
     private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                           serialization.NoEncryption()))
     private.chmod(0o600)
@@ -181,7 +214,7 @@ class LocalFederation:
         home.mkdir(exist_ok=True)
         self.env = flower_env(home, **self.env_extra)
         try:
-            self.tls = make_tls(self.workdir / "tls")
+            self.tls = make_tls(self.workdir / "tls", force=True)  # its own throwaway CA, fresh per federation
             # The CLI's connection to this SuperLink (Control API), verified against the throwaway CA.
             (home / "config.toml").write_text(
                 f'[superlink]\ndefault = "local-tls"\n\n[superlink.local-tls]\naddress = "{self.address}"\n'
@@ -191,7 +224,7 @@ class LocalFederation:
                     "--port", str(self.port), "--disable-runtime-dependency-installation"]
             self.superlink = self._start("superlink", link + (["--enable-supernode-auth"] if self.auth else []))
             self._wait_port()
-            keys = [make_node_key(self.workdir / "keys", f"node{i}") for i in range(len(self.node_configs))]
+            keys = [make_node_key(self.workdir / "keys", f"node{i}", force=True) for i in range(len(self.node_configs))]
             if self.auth:
                 for _, public in keys:
                     self._register(public)

@@ -64,17 +64,34 @@ def load_store(folder: Path) -> dict[str, Any]:
     if not (folder / INDEX).exists():
         return {}
     try:
-        index = json.loads((folder / INDEX).read_text())
+        index = json.loads((folder / INDEX).read_text(encoding="utf-8"))
+        if not isinstance(index, dict):
+            raise ValueError(f"the index is a JSON {type(index).__name__}, not an object")
         with np.load(folder / "arrays.npz", allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
         out: dict[str, Any] = {}
         for key, entry in index.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("kind"), str):
+                raise ValueError(f"entry '{key}' is not an object with a kind")
             if entry["kind"] == "adapter":
-                out[key] = load_file(str(folder / entry["file"]))
+                out[key] = load_file(str(_inside(folder, entry.get("file"), key)))
             elif entry["kind"] == "array":
                 out[key] = arrays[entry["name"]]
-            else:
+            elif entry["kind"] == "strings" and isinstance(entry.get("value"), list) \
+                    and all(isinstance(x, str) for x in entry["value"]):
                 out[key] = list(entry["value"])
+            else:
+                raise ValueError(f"entry '{key}' of kind {entry['kind']!r} is malformed")
         return out
-    except (OSError, ValueError, KeyError, SafetensorError) as exc:
-        raise TaskfedError(f"{folder}: corrupt client store ({str(exc).splitlines()[0]}).") from None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, SafetensorError) as exc:
+        raise TaskfedError(f"{folder}: corrupt client store ({(str(exc).splitlines() or [type(exc).__name__])[0]}).") from None
+
+
+def _inside(folder: Path, name: Any, key: str) -> Path:
+    """An entry's file: a plain file name inside the store folder (the index never points elsewhere)."""
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise ValueError(f"entry '{key}' names the file {name!r}, not a file inside the store")
+    path = folder / name
+    if path.is_symlink() or not path.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"entry '{key}' names a file outside the store")
+    return path

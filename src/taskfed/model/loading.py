@@ -98,8 +98,73 @@ def smollm2_folder() -> Path:
     return target
 
 
+def devices() -> list[str]:
+    """The devices this machine has, as `model.device` names them."""
+    out = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        out.append("mps")
+    return out
+
+
+def check_device(device: str) -> None:
+    """`model.device` must name a device of this machine (config.py checked its spelling)."""
+    have = devices()
+    wanted = "cuda:0" if device == "cuda" else device
+    if wanted not in have:
+        raise TaskfedError(f"model.device: no device '{device}' on this machine (it has: {', '.join(have)}).")
+
+
+def available_bytes(device: str) -> int | None:
+    """Free memory on `device` (None: unknown): the GPU's free memory, else the host's MemAvailable."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# The adapter bank holds at least this many slots (runtime.Runtime), each trained with a gradient and two
+# AdamW moments; every client and the server keep float32 copies of an adapter besides.
+BANK_SLOTS, COPIES_PER_SLOT = 4, 4
+
+
+def adapter_bytes(model, cfg) -> tuple[int, int]:
+    """(parameters of one adapter, bytes the bank and the clients' copies need), from the model's layers."""
+    per_adapter = sum(cfg.lora.r * (mod.in_features + mod.out_features) for name, mod in model.named_modules()
+                      if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in cfg.lora.target_modules)
+    elem = 2 if cfg.model.dtype == "bfloat16" else 4
+    need = per_adapter * (BANK_SLOTS * COPIES_PER_SLOT * elem + 4 * (cfg.scenario.n_clients + 1))
+    return per_adapter, need
+
+
+def check_fit(model, cfg) -> None:
+    """Before the bank is built: every `lora.target_modules` name is a linear layer of the model, and the
+    adapters fit in the device's free memory (an estimate; refused with the numbers, not an allocator error
+    after the model loaded)."""
+    linear = sorted({name.split(".")[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)})
+    for target in cfg.lora.target_modules:
+        if target not in linear:
+            raise TaskfedError(f"lora.target_modules: '{target}' names no linear layer of {cfg.model.name} "
+                               f"(it has: {', '.join(linear)}).")
+    per_adapter, need = adapter_bytes(model, cfg)
+    free = available_bytes(str(next(model.parameters()).device))
+    if free is not None and need > free:
+        raise TaskfedError(f"lora.r = {cfg.lora.r}: the adapters need about {need / 1e9:.1f} GB ({per_adapter:,} "
+                           f"parameters each, {BANK_SLOTS} bank slots with gradients and optimizer state, a copy "
+                           f"per client), more than the {free / 1e9:.1f} GB free on {cfg.model.device}; "
+                           f"lower lora.r.")
+
+
 def load_base(name: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0):
     """Returns (model in eval mode with frozen weights, tokenizer with a pad token, left padding)."""
+    check_device(device)
     if name == "tiny":
         model, tokenizer = tiny_model(seed)
     else:
