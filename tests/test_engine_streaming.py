@@ -19,7 +19,7 @@ def _equal(a, b):
 def _fedavg(tiny_runtime_factory, *extra):
     # One client per pack (max_rows_per_batch = batch): four packs in the round.
     cfg = tiny_config("method.name=fedavg", "scenario.name=iid", "scenario.n_clients=4", "train.rounds=1",
-                      "train.max_rows_per_batch=4", "eval.modes=[]", *extra)
+                      "train.max_rows_per_batch=4", *extra)
     return Experiment(cfg, rt=tiny_runtime_factory(cfg))
 
 
@@ -80,7 +80,7 @@ def test_running_mean_is_the_weighted_mean_in_float64():
 def test_jobs_the_aggregation_does_not_pull_still_train(tiny_runtime_factory):
     # Local's aggregation pulls nothing: the engine's round must still train every client's own adapter.
     cfg = tiny_config("method.name=local", "scenario.name=iid", "scenario.n_clients=3", "train.rounds=1",
-                      "eval.modes=[]")
+                      )
     exp = Experiment(cfg, rt=tiny_runtime_factory(cfg))
     init = exp.rt.init_adapter()
     rounds, _ = exp.train()

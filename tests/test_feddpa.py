@@ -88,7 +88,7 @@ def _tensors(obj):
 
 # --------------------------------------------------------------------------------------------- training
 def test_only_the_global_adapter_reaches_the_server(data, tiny_runtime_factory):
-    cfg = _cfg(data, "feddpa-t", "train.rounds=3", "eval.modes=[]")
+    cfg = _cfg(data, "feddpa-t", "train.rounds=3")
     exp = Experiment(cfg, rt=tiny_runtime_factory(cfg))
     seen, locals_held = [], []
     aggregate = exp.method.aggregate
