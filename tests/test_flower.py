@@ -61,6 +61,16 @@ def test_adapter_round_trip_and_refusals():
         decode_adapter(f64, SHAPES, "x")
     with pytest.raises(TaskfedError, match="array record"):
         decode_adapter(None, SHAPES, "x")
+    # A header that says float32 over bytes that hold float64: refused on what the array holds.
+    import io
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((2, 3), dtype=np.float64), allow_pickle=False)
+    forged = ArrayRecord({"m.lora_A": Array(dtype="float32", shape=(2, 3), stype="numpy.ndarray", data=buf.getvalue()),
+                          "m.lora_B": Array(np.zeros((3, 2), dtype=np.float32))})
+    with pytest.raises(TaskfedError, match="holds float64 data"):
+        decode_adapter(forged, SHAPES, "x")
+    with pytest.raises(TaskfedError, match="unexpected tensor"):
+        decode_adapter(encode_adapter(dict(w, extra=torch.zeros(1))), SHAPES, "x")
 
 
 def test_config_and_jobs_round_trip():

@@ -154,3 +154,52 @@ def test_a_node_silent_in_evaluation_is_dropped_at_the_timeout(identity, tmp_pat
     for mode in ("local", "global"):
         assert ev[mode]["dropped"] == {"1": "no evaluation (" + mode + ") reply within 1.5 s"}
         assert sorted(ev[mode]["per_client"]) == ["0", "2"] and ev[mode]["score"] is not None
+
+
+def tampering(change):
+    """A handler that runs `node.handle` and lets `change(action, node_id, reply)` alter the reply."""
+    def handler(action, content, node_id, node_config):
+        reply = in_this_process(action, content, node_id, node_config)
+        if reply is not None:
+            change(action, node_id, reply)
+        return reply
+    return handler
+
+
+def test_a_node_whose_setup_upload_is_unusable_is_left_out_and_the_rest_run(identity, tmp_path):
+    import numpy as np
+    from flwr.app import Array
+
+    def change(action, node_id, reply):
+        if action == "setup" and node_id == 101:  # centroids of another width than the others'
+            reply.array_records["setup"]["centroids"] = Array(np.zeros((2, 3), dtype=np.float32))
+
+    cfg = tiny_config("method.name=fedrouter", "method.n_global=2", "scenario.n_clients=3", f"data.tasks={TASKS}",
+                      "train.rounds=1", "eval.modes=['global']")
+    driver = Driver(cfg, FlowerEngine(FakeGrid(tmp_path / "state", handler=tampering(change)), cfg, Options(round_timeout=60)))
+    metrics = driver.run()
+    assert list(metrics["left_out"]) == ["1"] and "width 3" in metrics["left_out"]["1"]
+    assert sorted(metrics["clients"]) == ["0", "2"] and sorted(metrics["eval"]["global"]["per_client"]) == ["0", "2"]
+    assert sorted(metrics["eval"]["global"]["binding"]) == ["0", "2"]
+
+
+def test_malformed_stats_and_claimed_sizes_drop_only_that_node(identity, tmp_path):
+    def change(action, node_id, reply):
+        if action != "round":
+            return
+        if node_id == 101:  # claims a data size far above what it declared at hello
+            reply.config_records["results"]["n_client"] = [2 ** 62]
+        if node_id == 102:  # a string where seconds are expected
+            reply.config_records["stats"]["compute_seconds"] = "soon"
+
+    cfg = tiny_config("method.name=fedavg", "scenario.n_clients=3", f"data.tasks={TASKS}", "train.rounds=1",
+                      "eval.modes=['global']")
+    driver = Driver(cfg, FlowerEngine(FakeGrid(tmp_path / "state", handler=tampering(change)), cfg, Options(round_timeout=60)))
+    rounds, _ = driver.train()
+    assert sorted(rounds[0]["dropped"]) == ["1", "2"]
+    assert "declared" in rounds[0]["dropped"]["1"] and "compute_seconds" in rounds[0]["dropped"]["2"]
+    ex = Experiment(cfg)  # the reference: client 0's upload alone is the global adapter
+    ex.method.aggregate = (lambda agg: lambda r, res: agg(r, [x for x in res if x.job.client == "0"]))(ex.method.aggregate)
+    ex.train()
+    want, got = ex.method.server_adapters()["global"], driver.method.server_adapters()["global"]
+    assert all(torch.equal(want[k], got[k]) for k in want)

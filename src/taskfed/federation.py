@@ -26,6 +26,7 @@ import torch
 
 from taskfed.config import RunConfig
 from taskfed.engine import Engine, RoundStats
+from taskfed.errors import TaskfedError
 from taskfed.evaluation.evaluate import mode_metrics
 from taskfed.methods import build_method
 from taskfed.methods.base import Federation, Method
@@ -51,17 +52,35 @@ class Driver:
         self.cfg, self.engine, self.log = cfg, engine, log
         torch.manual_seed(cfg.seed)
         self.roster = engine.connect()
-        self.fed = Federation(clients=sorted(self.roster.clients), rounds=cfg.train.rounds, seed=cfg.seed,
-                              init_adapter=engine.init_adapter(), tasks=list(self.roster.seen),
-                              lr_max=cfg.train.lr_max, lr_min=cfg.train.lr_min)
-        self.method: Method = build_method(cfg.method, self.fed)
+        self.init_adapter = engine.init_adapter()
+        self.build(sorted(self.roster.clients))
         self.setup_seconds = 0.0
+        self.left_out: dict[str, str] = {}  # clients whose setup failed or was refused, and why
+
+    def build(self, clients: list[str]) -> None:
+        """The federation's public facts and the method's server side, for these clients."""
+        cfg = self.cfg
+        self.fed = Federation(clients=clients, rounds=cfg.train.rounds, seed=cfg.seed, init_adapter=self.init_adapter,
+                              tasks=list(self.roster.seen), lr_max=cfg.train.lr_max, lr_min=cfg.train.lr_min)
+        self.method: Method = build_method(cfg.method, self.fed)
 
     # ----------------------------------------------------------------- training
     def setup(self) -> int:
         """The clients' setup and the server's; bytes up."""
         tic = time.perf_counter()
-        uploads, up = self.engine.setup(self.fed)
+        uploads, up, failed = self.engine.setup(self.fed)
+        failed.update(self.method.check_setup({c: u for c, u in uploads.items() if c not in failed}))
+        if failed:  # membership is fixed here: the run goes on without them, from a fresh server side
+            keep = [c for c in self.fed.clients if c not in failed]
+            if not keep:
+                raise TaskfedError(f"setup: no client completed it ({'; '.join(f'{c}: {w}' for c, w in sorted(failed.items()))}).")
+            for cid, why in sorted(failed.items()):
+                self.log(f"setup: client {cid} left out of the run: {why}")
+            self.left_out.update(failed)
+            self.roster.clients = {c: self.roster.clients[c] for c in keep}
+            self.build(keep)
+            self.engine.attach(self.fed)  # the clients' side from the new facts too
+            uploads = {c: u for c, u in uploads.items() if c in keep}
         if uploads:
             self.method.setup_server(uploads)
         self.setup_seconds = time.perf_counter() - tic  # e.g. FedRouter's embedding + KMeans
@@ -126,6 +145,7 @@ class Driver:
             "engine": self.engine.name, "bytes_communicated": setup_bytes + sum(r["bytes_up"] + r["bytes_down"] for r in rounds),
             "rounds": rounds, "eval": evaluation, "setup_seconds": self.setup_seconds,
             "clients": {cid: {"n_train": c.n_train, "tasks": list(c.tasks)} for cid, c in sorted(self.roster.clients.items())},
+            **({"left_out": dict(sorted(self.left_out.items()))} if self.left_out else {}),
         }
 
     def run(self, out_dir: str | Path | None = None) -> dict:

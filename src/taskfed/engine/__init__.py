@@ -6,7 +6,9 @@ server side what crosses the line, counted in bytes:
 
     connect()                     -> Roster: who the clients are (ids, row counts, tasks), the run's tasks
     init_adapter()                -> the shared initial adapter (the server needs it to build the method)
-    setup(fed)                    -> each client's setup arrays (`Method.setup_client`), bytes up
+    setup(fed)                    -> each client's setup arrays (`Method.setup_client`), bytes up, and why
+                                     each client that gave none usable is out
+    attach(fed)                   -> the federation's facts changed (a client left out at setup)
     stream(round, jobs)           -> the round's results in plan order, lazily, and the round's stats
     evaluate(mode, asks, downlink)-> per client a ClientEval (scores per task, the routing it used), and
                                      why each client that gave none usable is out
@@ -60,7 +62,9 @@ class Engine(Protocol):
 
     def init_adapter(self): ...
 
-    def setup(self, fed: Federation) -> tuple[dict[str, dict[str, np.ndarray]], int]: ...
+    def setup(self, fed: Federation) -> tuple[dict[str, dict[str, np.ndarray]], int, dict[str, str]]: ...
+
+    def attach(self, fed: Federation) -> None: ...
 
     def stream(self, round_idx: int, jobs: list[Job]) -> tuple[Iterator[Result], RoundStats]: ...
 

@@ -182,9 +182,9 @@ class InProcessEngine:
         return Result(job=job, weights=weights if job.upload else None, n_rows=n_rows,
                       n_client=len(client.records), loss=loss, chosen=chosen)
 
-    def setup(self, fed: Federation) -> tuple[dict[str, dict[str, np.ndarray]], int]:
-        """Runs the method's client setup on every client: the arrays each returns (for the server) and
-        their bytes."""
+    def setup(self, fed: Federation) -> tuple[dict[str, dict[str, np.ndarray]], int, dict[str, str]]:
+        """Runs the method's client setup on every client: the arrays each returns (for the server), their
+        bytes, and (never, here: an exception stops the run) the clients whose setup failed."""
         method = self.attach(fed)
         uploads, up = {}, 0
         for cid in sorted(self.clients):
@@ -192,7 +192,7 @@ class InProcessEngine:
             if out is not None:
                 uploads[cid] = out
                 up += sum(np.asarray(v).nbytes for v in out.values())
-        return uploads, up
+        return uploads, up, {}
 
     # ----------------------------------------------------------------- evaluation
     def budgets(self) -> dict[str, int]:

@@ -150,9 +150,10 @@ class FlowerEngine:
     def init_adapter(self):
         return self.rt.init_adapter()
 
-    def setup(self, fed: Federation) -> tuple[dict[str, dict[str, np.ndarray]], int]:
-        """The method's client setup on every node. A node that fails it is out of the run."""
-        self.fed = fed
+    def setup(self, fed: Federation) -> tuple[dict[str, dict[str, np.ndarray]], int, dict[str, str]]:
+        """The method's client setup on every node. A node that fails it is out of the run (the driver
+        leaves it out)."""
+        self.attach(fed)
         msgs = {cid: self._message(self.node_of[cid], "train.setup", self._base()) for cid in fed.clients}
         replies, failed = self._exchange(msgs, "setup")
         uploads, up = {}, 0
@@ -163,10 +164,11 @@ class FlowerEngine:
                     up += sum(v.nbytes for v in uploads[cid].values())
             except (KeyError, TaskfedError) as exc:
                 failed[cid] = f"setup reply unusable ({exc})"
-        if failed:
-            why = "; ".join(f"client {c}: {w}" for c, w in sorted(failed.items()))
-            raise TaskfedError(f"flower: client setup failed ({why}).")
-        return uploads, up
+        return {c: u for c, u in uploads.items() if c not in failed}, up, failed
+
+    def attach(self, fed: Federation) -> None:
+        """The federation's facts every later message carries (the nodes build the client side from them)."""
+        self.fed = fed
 
     def close(self) -> None:
         """The run is over: each node's worker is told to exit (best effort, a few seconds at most)."""

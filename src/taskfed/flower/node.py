@@ -146,7 +146,7 @@ def handle(kind: str, content: RecordDict, node_config: dict[str, Any], run_id: 
         return RecordDict({"hello": ConfigRecord(info)})
     engine, client = _engine(cfg, rt, me, content)
     if kind == "setup":
-        uploads, _ = engine.setup(engine.client_side.fed)
+        uploads, _, _ = engine.setup(engine.client_side.fed)
         save_store(client.store, me.state_dir)
         reply = RecordDict({"setup_info": ConfigRecord({"has_setup": client.id in uploads})})
         if client.id in uploads:

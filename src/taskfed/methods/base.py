@@ -189,6 +189,11 @@ class Method:
     def setup_server(self, uploads: dict[str, dict[str, np.ndarray]]) -> None:
         """Receives what setup_client returned, per client (e.g. FedRouter's local centroids)."""
 
+    def check_setup(self, uploads: dict[str, dict[str, np.ndarray]]) -> dict[str, str]:
+        """Why each client's setup upload cannot be used (the client is then left out of the run); the
+        uploads may come from nodes, so the server checks them before `setup_server` trusts them."""
+        return {}
+
     def downlink(self, client_id: str) -> Downlink:
         """What the server sends `client_id` for evaluation. Default: every adapter the server holds."""
         return Downlink(adapters=self.server_adapters())
@@ -275,3 +280,20 @@ def weighted_mean(adapters: Iterable[AdapterWeights], weights: Iterable[float] |
     for adapter, w in pairs:
         acc.add(adapter, w)
     return acc.mean()
+
+
+def check_centroids(uploads: dict[str, dict[str, np.ndarray]], most: int) -> dict[str, str]:
+    """Why each client's `centroids` upload is unusable: missing, not a 2-D float array of 1..`most` rows, or
+    of another width than most clients' (a width no single client can impose on the others)."""
+    bad, widths = {}, {}
+    for c, up in uploads.items():
+        x = up.get("centroids")
+        if x is None or x.ndim != 2 or x.dtype.kind != "f" or not 1 <= len(x) <= most:
+            bad[c] = f"centroids must be a 2-D float array of 1 to {most} rows"
+        else:
+            widths[c] = x.shape[1]
+    if widths:
+        values = sorted(widths.values())
+        common = max(set(values), key=lambda w: (values.count(w), -w))
+        bad.update({c: f"centroids of width {w}, the others' are {common}" for c, w in widths.items() if w != common})
+    return bad

@@ -58,7 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from taskfed.clustering import kmeans_adapters, kmeans_labels as kmeans, nearest
 from taskfed.data.records import Record
 from taskfed.errors import TaskfedError
-from taskfed.methods.base import Client, Downlink, Job, Method, Result, Routed, group_means, label_rows
+from taskfed.methods.base import Client, Downlink, Job, Method, Result, Routed, check_centroids, group_means, label_rows
 from taskfed.model.bank import AdapterWeights, RowMix
 
 LABELS = "fedrouter_labels"  # client store: local cluster label per training row (int array)
@@ -151,6 +151,17 @@ class FedRouter(Method):
         return counts
 
     # ================================================================== 2. global clustering (server)
+    def check_setup(self, uploads: dict[str, dict[str, np.ndarray]]) -> dict[str, str]:
+        most = len(self.fed.tasks) if self.name == "fedrouter-oracle" else self.params.n_local
+        bad = check_centroids(uploads, most)
+        for c, up in uploads.items():
+            counts = up.get("task_counts")
+            if c not in bad and self.params.router == "oracle" and (
+                    counts is None or counts.shape != (len(up["centroids"]), len(self.fed.tasks))
+                    or counts.dtype.kind not in "iu" or (counts < 0).any()):
+                bad[c] = "oracle task counts missing or of the wrong shape"
+        return bad
+
     def setup_server(self, uploads: dict[str, dict[str, np.ndarray]]) -> None:
         self.local_centroids = {c: np.asarray(uploads[c]["centroids"], dtype=np.float64) for c in sorted(uploads)}
         self.task_counts = {c: np.asarray(uploads[c]["task_counts"]) for c in sorted(uploads) if "task_counts" in uploads[c]}

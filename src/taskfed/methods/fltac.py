@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from taskfed.clustering import cluster_means, clustering_accuracy, kmeans_adapters, nearest
 from taskfed.data.records import Record
 from taskfed.errors import TaskfedError
-from taskfed.methods.base import Client, Downlink, Job, Method, Result, Routed, label_rows
+from taskfed.methods.base import Client, Downlink, Job, Method, Result, Routed, check_centroids, label_rows
 from taskfed.model.bank import AdapterWeights, RowMix
 
 TASKS = "fltac_tasks"  # client store: the client's task names; position = the opaque local index
@@ -90,6 +90,9 @@ class FLTAC(Method):
         return {"centroids": centroids.astype(np.float32)}
 
     # ================================================================== server
+    def check_setup(self, uploads: dict[str, dict[str, np.ndarray]]) -> dict[str, str]:
+        return check_centroids(uploads, len(self.fed.tasks))
+
     def setup_server(self, uploads: dict[str, dict[str, np.ndarray]]) -> None:
         for c in sorted(uploads):
             centroids = np.asarray(uploads[c]["centroids"], dtype=np.float64)
