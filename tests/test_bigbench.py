@@ -54,6 +54,31 @@ def offline(monkeypatch: pytest.MonkeyPatch):
     """No test may download: pip is replaced by a failure, and no archive is configured."""
     monkeypatch.delenv(bigbench.ARCHIVE_ENV, raising=False)
     monkeypatch.setattr(bigbench.subprocess, "run", lambda cmd, **kw: pytest.fail(f"tried to run {cmd}"))
+    monkeypatch.setattr(bigbench.subprocess, "Popen", lambda cmd, **kw: pytest.fail(f"tried to run {cmd}"))
+
+
+def fake_pip(calls: list, data: bytes = b"tarball", code: int = 0, err: str = "", polls: int = 3):
+    """A `pip download` stand-in (subprocess.Popen): writes `data` into the -d folder half by half over
+    `polls` polls, with pip's temporary files in its TMPDIR like pip, then exits with `code`."""
+    class Pip:
+        def __init__(self, cmd, stdout=None, stderr=None, text=None, env=None):
+            calls.append(cmd)
+            self.dest = Path(cmd[cmd.index("-d") + 1])
+            self.tmpdir = Path(env["TMPDIR"])
+            self.left, self.returncode = polls, None
+            stderr.write(err)
+
+        def poll(self):
+            self.left -= 1
+            if self.left > 0:
+                (self.tmpdir / "partial").write_bytes(data[: len(data) // 2])
+                return None
+            (self.tmpdir / "partial").unlink(missing_ok=True)
+            if code == 0:
+                (self.dest / bigbench.ARCHIVE_NAME).write_bytes(data)
+            self.returncode = code
+            return code
+    return Pip
 
 
 @pytest.fixture
@@ -139,22 +164,16 @@ def test_too_few_rows(archive: Path, tmp_path: Path):
 
 def test_ensure_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     calls = []
-
-    def fake_pip(cmd, **kwargs):
-        calls.append(cmd)
-        dest = Path(cmd[cmd.index("-d") + 1])
-        assert dest.parent == tmp_path  # downloads beside the target, then renames
-        (dest / bigbench.ARCHIVE_NAME).write_bytes(b"tarball")
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-
-    monkeypatch.setattr(bigbench.subprocess, "run", fake_pip)
+    monkeypatch.setattr(bigbench.time, "sleep", lambda s: None)
+    monkeypatch.setattr(bigbench.subprocess, "Popen", fake_pip(calls))
     path = ensure_archive(tmp_path)
+    assert Path(calls[0][calls[0].index("-d") + 1]).parent == tmp_path  # downloads beside the target, then renames
     assert path == tmp_path / bigbench.ARCHIVE_NAME and path.read_bytes() == b"tarball"
     assert ensure_archive(tmp_path) == path and len(calls) == 1
     assert sorted(os.listdir(tmp_path)) == [bigbench.ARCHIVE_NAME]  # the temporary folder is gone
 
     failed = "Collecting...\nERROR: No matching distribution\nmore"
-    monkeypatch.setattr(bigbench.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", failed))
+    monkeypatch.setattr(bigbench.subprocess, "Popen", fake_pip(calls, code=1, err=failed))
     with pytest.raises(TaskfedError, match=r"\(ERROR: No matching distribution\).*TASKFED_BIGBENCH_ARCHIVE"):
         ensure_archive(tmp_path / "empty")
 

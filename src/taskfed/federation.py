@@ -24,6 +24,7 @@ import numpy as np
 import tomli_w
 import torch
 
+from taskfed import progress
 from taskfed.config import RunConfig
 from taskfed.engine import Engine, RoundStats
 from taskfed.errors import TaskfedError
@@ -68,7 +69,8 @@ class Driver:
     def setup(self) -> int:
         """The clients' setup and the server's; bytes up."""
         tic = time.perf_counter()
-        uploads, up, failed = self.engine.setup(self.fed)
+        with progress.task("client setup", total=len(self.fed.clients), unit="clients"):
+            uploads, up, failed = self.engine.setup(self.fed)
         failed.update(self.method.check_setup({c: u for c, u in uploads.items() if c not in failed}))
         if failed:  # membership is fixed here: the run goes on without them, from a fresh server side
             keep = [c for c in self.fed.clients if c not in failed]
@@ -90,12 +92,14 @@ class Driver:
         start = time.perf_counter()
         selected = sample_clients(self.fed.clients, self.cfg.scenario.clients_per_round, self.cfg.seed, r)
         jobs = self.method.plan(r, selected)
-        results, stats = self.engine.stream(r, jobs)
-        # The server receives uploads only (a job that keeps its adapter on the client sends nothing), one
-        # at a time as they arrive: a streaming aggregation never holds the whole round.
-        self.method.aggregate(r, (x for x in results if x.weights is not None))
-        for _ in results:  # what the aggregation did not pull (e.g. Local's client-kept jobs) still runs
-            pass
+        total = self.method.n_rounds(self.cfg.train.rounds)
+        with progress.task(f"round {r + 1}/{total}", total=len(jobs), unit="jobs"):
+            results, stats = self.engine.stream(r, jobs)
+            # The server receives uploads only (a job that keeps its adapter on the client sends nothing),
+            # one at a time as they arrive: a streaming aggregation never holds the whole round.
+            self.method.aggregate(r, (x for x in results if x.weights is not None))
+            for _ in results:  # what the aggregation did not pull (e.g. Local's client-kept jobs) still runs
+                pass
         record = round_record(r, stats, time.perf_counter() - start)
         record.update(self.method.round_report(r))
         for who, why in stats.dropped.items():
@@ -121,7 +125,8 @@ class Driver:
                 continue
             start = time.perf_counter()
             asks = {cid: tasks_for(mode, info.tasks, seen, unseen) for cid, info in self.roster.clients.items()}
-            evals, dropped = self.engine.evaluate(mode, asks, self.method.downlink)
+            with progress.task(f"eval {mode}", total=len(asks), unit="clients"):
+                evals, dropped = self.engine.evaluate(mode, asks, self.method.downlink)
             # A client's report is checked by the method before its bookkeeping uses it (it may come from a node).
             for cid in sorted(evals):
                 why = self.method.check_report(evals[cid].routed)

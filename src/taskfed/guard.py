@@ -76,9 +76,12 @@ def guarded(sigterm: bool = False) -> Iterator[None]:
             previous, installed = signal.signal(signal.SIGTERM, _on_sigterm), True
         except ValueError:  # not the main thread: leave SIGTERM alone
             pass
+    from taskfed import progress
+
     try:
         try:
-            yield
+            with progress.use(progress.for_console(console)):  # long phases show progress from their start
+                yield
         except BaseException:
             # Parent folders created for a run folder that was then removed (runfolder.prepare_out).
             from taskfed.runfolder import discard_orphans

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from taskfed import progress
 from taskfed.model.bank import AdapterWeights, RowMix
 from taskfed.runtime import Encoded, Runtime
 
@@ -205,6 +206,7 @@ def train_pack(rt: Runtime, specs: list[TrainSpec], times: PackTimes | None = No
             if times is not None:
                 times.compute += time.perf_counter() - tic
                 times.tokens += int(mask.sum())
+            progress.advance()  # one step of the pack (the round's progress counts steps)
     finally:
         rt.model.eval()
         bank.set_trainable(False)

@@ -37,17 +37,20 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zlib
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
+from taskfed import progress
 from taskfed.data.records import Record
 from taskfed.errors import TaskfedError
 
 ARCHIVE_NAME = "bigbench-1.0.0.tar.gz"
 PIP_SPEC = "bigbench==1.0.0"
+ARCHIVE_MB = 358.4  # the sdist's size: the download's progress total
 ARCHIVE_ENV = "TASKFED_BIGBENCH_ARCHIVE"
 # Inside the tarball: bigbench-1.0.0/bigbench/benchmark_tasks/<task>[/<subtask>]/task.json
 _TASKS_DIR = "bigbench/benchmark_tasks/"
@@ -88,8 +91,7 @@ def ensure_archive(cache_dir: Path) -> Path:
     # Download into a temporary folder beside the target, so the final rename is atomic and an
     # interrupted download never leaves a truncated archive under the real name.
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".bigbench-download-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", PIP_SPEC, "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = _pip_download(Path(tmp))
         got = Path(tmp) / ARCHIVE_NAME
         if proc.returncode != 0 or not got.is_file():
             lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
@@ -102,6 +104,25 @@ def ensure_archive(cache_dir: Path) -> Path:
                                f"{ARCHIVE_NAME} with pip 23.2 and set {ARCHIVE_ENV} to the file.")
         os.replace(got, target)
     return target
+
+
+def _pip_download(tmp: Path) -> subprocess.CompletedProcess:
+    """pip downloads the sdist into `tmp`; pip's own temporary files go under `tmp/pip` (its TMPDIR), whose
+    growing size is the download's progress in MB (pip shows none outside a terminal)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", PIP_SPEC, "-d", str(tmp)]
+    (tmp / "pip").mkdir()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        with progress.task(f"downloading {ARCHIVE_NAME} (once)", total=ARCHIVE_MB, unit="MB"):
+            proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=dict(os.environ, TMPDIR=str(tmp / "pip")))
+            seen = 0.0
+            while proc.poll() is None:
+                time.sleep(0.5)
+                size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) / 1e6
+                progress.advance(max(0.0, min(size, ARCHIVE_MB) - seen))
+                seen = max(seen, min(size, ARCHIVE_MB))
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
 
 
 def _task_path(cache_dir: Path, name: str) -> Path:
@@ -119,8 +140,11 @@ def extract_tasks(archive: Path, names: Iterable[str], cache_dir: Path) -> dict[
     if not wanted:
         return paths
     try:
-        with tarfile.open(archive, "r:gz") as tf:
+        with open(archive, "rb") as raw, tarfile.open(fileobj=raw, mode="r:gz") as tf, \
+                progress.task(f"extracting {len(wanted)} BIG-bench tasks (once)", total=archive.stat().st_size / 1e6,
+                              unit="MB") as task:
             for member in tf:  # sequential: the gzip stream is decompressed once, nothing else is written
+                progress.advance(raw.tell() / 1e6 - task.done)  # compressed bytes read so far
                 inner = member.name.split("/", 1)[-1]  # drop the top folder, bigbench-1.0.0/
                 name = wanted.pop(inner, None) if member.isfile() else None
                 if name is None:

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from taskfed import progress
 from taskfed.config import RunConfig
 from taskfed.engine import ClientInfo, Roster, RoundStats
 from taskfed.errors import TaskfedError
@@ -145,9 +146,11 @@ class InProcessEngine:
         del resolved
         trained: dict[int, tuple] = {}
         times = PackTimes()
+        packs = self._packs(specs)
+        progress.set_total(sum(specs[p[0]].steps for p in packs), "steps")  # advanced by train_pack, per step
         shapes = self.rt.bank.shapes()
         losses, ready = [], 0
-        for pack in self._packs(specs):
+        for pack in packs:
             for i, out in zip(pack, train_pack(self.rt, [specs[i] for i in pack], times)):
                 trained[i] = out
                 specs[i] = None  # the spec's rows and starting weights are no longer needed
@@ -192,6 +195,7 @@ class InProcessEngine:
             if out is not None:
                 uploads[cid] = out
                 up += sum(np.asarray(v).nbytes for v in out.values())
+            progress.advance()
         return uploads, up, {}
 
     # ----------------------------------------------------------------- evaluation
@@ -208,8 +212,9 @@ class InProcessEngine:
         """Each asked client evaluates its rows of the asked tasks (tasks without test rows are skipped; a
         client with none is not evaluated) under what the server sends it. Nothing is dropped here."""
         out = {}
-        for cid in sorted(asks):
-            records = [r for t in asks[cid] for r in self.pop.test_by_task.get(t, [])]
+        rows = {cid: [r for t in asks[cid] for r in self.pop.test_by_task.get(t, [])] for cid in sorted(asks)}
+        progress.set_total(sum(map(len, rows.values())), "rows")  # advanced per generated batch and cached row
+        for cid, records in rows.items():
             if records:
                 out[cid] = evaluate_client(self.rt, self.client_side, self.clients[cid], records, downlink(cid),
                                            self.budgets(), self.gen_cache, self.log, mode)

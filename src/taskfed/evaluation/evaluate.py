@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from taskfed import progress
 from taskfed.data.records import Record
 from taskfed.evaluation.generate import generate, prompt_ids
 from taskfed.evaluation.metrics import score
@@ -88,7 +89,8 @@ def evaluate_client(rt: Runtime, method: Method, client: Client, records: list[R
             gen_tokens += n_new
             for row, text in zip(chunk, outs):
                 cache[keys[row]] = text
-        log(f"{mode}: client {client.id} generated {len(todo)} rows")
+            progress.advance(len(chunk))
+    progress.advance(len(records) - len(todo))  # rows whose generation was cached
     per_task: dict[str, dict] = {}
     row_scores = []
     for r, key in zip(records, keys):

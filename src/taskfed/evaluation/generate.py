@@ -114,7 +114,7 @@ def shrinking_generate(rt: Runtime, prompts: list[list[int]], mix: RowMix, max_n
     out: list[list[int]] = [[] for _ in prompts]
     live = list(range(len(prompts)))
     with rt.bank.mixing(mix):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                        use_cache=True, logits_to_keep=1).logits
     last = positions[:, -1:]
     for step in range(max_new_tokens):
@@ -137,7 +137,7 @@ def shrinking_generate(rt: Runtime, prompts: list[list[int]], mix: RowMix, max_n
         last = last + 1
         with rt.bank.mixing(mix):
             logits = model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=last,
-                           past_key_values=cache, use_cache=True).logits
+                           cache=cache, use_cache=True).logits
     return out
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from taskfed import progress
 from taskfed.config import RunConfig
 from taskfed.engine import ClientInfo, Roster, RoundStats
 from taskfed.engine.inprocess import downlink_bytes
@@ -91,6 +92,7 @@ class FlowerEngine:
         """Replies by key, and why each key that gave none usable is out."""
         replies, failed = {}, {}
         for key, reply in self._pull(self._push(messages), time.monotonic() + self.opts.round_timeout):
+            progress.advance()  # one node answered (or timed out)
             if reply is None:
                 failed[key] = f"no {what} reply within {self.opts.round_timeout:g} s"
             elif reply.has_error():
@@ -225,6 +227,7 @@ class FlowerEngine:
                 LOG.warning("round %d: dropped client %s: %s", r + 1, cid, exc)
             for local_i, i in enumerate(by_client[cid]):
                 placed[i] = got.get(local_i)
+            progress.advance(len(by_client[cid]))  # that node's jobs are in (or out)
         if losses:
             stats.loss = float(np.mean(losses))
 

@@ -76,14 +76,17 @@ def smollm2_folder() -> Path:
         return target
     from transformers import GgufConfig
 
+    from taskfed import progress
+
     gguf = smollm2_gguf_path()
     kwargs = dict(gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True))
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its config and weights.
-    plain = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
-    plain.load_state_dict(loaded.state_dict())
-    plain.to(torch.bfloat16)
+    with progress.task("converting the packaged SmolLM2 GGUF to safetensors (once, about 20 s)"):
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its config and weights.
+        plain = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+        plain.load_state_dict(loaded.state_dict())
+        plain.to(torch.bfloat16)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
