@@ -259,3 +259,22 @@ def test_bad_nodes_are_dropped_and_the_others_aggregate(simulated):
     assert set(ev["local"]["dropped"]) == {"2"} and "not asked" in ev["local"]["dropped"]["2"]
     assert set(ev["global"]["dropped"]) == {"2"} and "score" in ev["global"]["dropped"]["2"]
     assert sorted(ev["local"]["per_client"]) == ["0", "1"] == sorted(ev["global"]["per_client"])
+
+
+def test_flower_simulate_cli_writes_the_run_folder_taskfed_run_writes(tmp_path, flan_path):
+    """`taskfed flower simulate ... --smoke`: the README's command, a complete run folder with evaluation."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    done = subprocess.run([str(Path(sys.executable).parent / "taskfed"), "flower", "simulate", "configs/fedavg.toml",
+                           "--out", str(out), "--smoke", "--workers", "1", "--set", "scenario.n_clients=2",
+                           "--set", f"data.path={flan_path}", "--set", 'data.tasks=["snli","cola"]'],
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1],
+                          env={**__import__("os").environ, "TASKFED_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["adapters", "config.toml", "metrics.json", "report.md"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["engine"] == "flower" and set(metrics["eval"]) == {"local", "global"}
+    assert "local " in done.stdout and "run folder" in done.stdout

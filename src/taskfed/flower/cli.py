@@ -36,7 +36,8 @@ def simulate(config: Path, out: Path = typer.Option(..., help="run folder to wri
 
         metrics = run(smoke(cfg) if smoke_run else cfg, out, workers=workers)
     last = metrics["rounds"][-1]
-    typer.echo(f"{len(metrics['rounds'])} rounds on Flower, last loss {last['train_loss']:.4f}; run folder {out}")
+    scores = "".join(f", {m} {e['score']:.4f}" for m, e in metrics["eval"].items() if e["score"] is not None)
+    typer.echo(f"{len(metrics['rounds'])} rounds on Flower, last loss {last['train_loss']:.4f}{scores}; run folder {out}")
 
 
 @app.command()
