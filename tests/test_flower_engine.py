@@ -36,9 +36,10 @@ class FakeGrid:
     `slow` answers its round messages only after `slow_pulls` pulls; one in `silent` never answers the
     message kinds listed for it."""
 
-    def __init__(self, state_dir, slow=None, slow_pulls=3, silent=None, handler=None):
+    def __init__(self, state_dir, slow=None, slow_pulls=3, silent=None, handler=None, nodes=None):
         self.handler = handler or in_this_process
-        self.nodes = {100 + i: {"partition-id": i, "num-partitions": 3, "state-dir": str(state_dir)} for i in range(3)}
+        self.nodes = nodes or {100 + i: {"partition-id": i, "num-partitions": 3, "state-dir": str(state_dir)}
+                               for i in range(3)}
         self.slow, self.slow_pulls, self.silent = slow or set(), slow_pulls, silent or {}
         self.pending: dict[str, tuple[Message, int]] = {}
         self.events: list[str] = []
@@ -203,3 +204,24 @@ def test_malformed_stats_and_claimed_sizes_drop_only_that_node(identity, tmp_pat
     ex.train()
     want, got = ex.method.server_adapters()["global"], driver.method.server_adapters()["global"]
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_nodes_with_their_own_files_train_and_evaluate_on_their_own_test_rows(identity, tmp_path):
+    from tests.conftest import write_two_task_data
+
+    train, test = write_two_task_data(tmp_path / "data", n_train=12, n_test=3)
+    rows = json.loads(train.read_text())
+    (tmp_path / "a.json").write_text(json.dumps(rows[::2]))  # each node holds half of the rows
+    (tmp_path / "b.json").write_text(json.dumps(rows[1::2]))
+    state = str(tmp_path / "state")
+    nodes = {100: {"train-json": str(tmp_path / "a.json"), "client-id": "site-a", "test-json": str(test), "state-dir": state},
+             101: {"train-json": str(tmp_path / "b.json"), "client-id": "site-b", "state-dir": state}}  # no test file
+    cfg = tiny_config("method.name=fedavg", "data.source=json", f"data.train_path={train}", f"data.test_path={test}",
+                      'data.tasks=["upper","count"]', "scenario.n_clients=2", "train.rounds=1")
+    metrics = Driver(cfg, FlowerEngine(FakeGrid(tmp_path, nodes=nodes), cfg, Options(round_timeout=60))).run()
+    assert sorted(metrics["clients"]) == ["site-a", "site-b"] and metrics["rounds"][0]["bytes_up"] > 0
+    # site-a holds only `upper` rows (the data alternates tasks): its own task locally, both globally;
+    # site-b has no test file: it trains but is not evaluated.
+    for mode, want in (("local", {"upper": 3}), ("global", {"upper": 3, "count": 3})):
+        assert sorted(metrics["eval"][mode]["per_client"]) == ["site-a"]
+        assert {t: v["n"] for t, v in metrics["eval"][mode]["per_client"]["site-a"]["per_task"].items()} == want
