@@ -152,6 +152,8 @@ def test_clustered_last_layer_or_all_layers():
 def test_clustered_bad_parameters():
     with pytest.raises(TaskfedError, match="method.n_clusters: 5 groups need at least as many clients"):
         make("clustered", n_clusters=5)
+    with pytest.raises(TaskfedError, match="method.n_clusters: 50 clusters need at least as many clients"):
+        make("ifca", n_clusters=50)  # a check before training, not minutes of probing clusters nobody fills
     with pytest.raises(TaskfedError, match="method.layers"):
         method_params({"name": "clustered", "layers": "first"})
     with pytest.raises(TaskfedError, match="unknown key 'method.k'"):

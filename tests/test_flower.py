@@ -93,6 +93,23 @@ def test_config_and_jobs_round_trip():
     assert [torch.equal(c["m.lora_B"], w["m.lora_B"]) for c, w in zip(back[2].candidates, [a, b])] == [True, True]
 
 
+def test_malformed_jobs_are_refused_on_the_node():
+    cfg = config("fedavg")
+    content = encode_jobs([Job(client="1", adapter="global", init=adapter(1.0), steps=2)], 0, cfg)
+    for key, value, message in [("steps", "many", "'steps'"), ("steps", 0, "'steps'"), ("lr", float("inf"), "'lr'"),
+                                ("rows", ["sideways"], "row selector"), ("client", 3, "'client'")]:
+        bad = encode_jobs([Job(client="1", adapter="global", init=adapter(1.0), steps=2)], 0, cfg)
+        bad.config_records["job.0"][key] = value
+        with pytest.raises(TaskfedError, match=message):
+            decode_jobs(bad, SHAPES)
+    del content.config_records["job.0"]["init"]
+    with pytest.raises(TaskfedError, match="malformed job"):
+        decode_jobs(content, SHAPES)
+    content.config_records["round"]["n_jobs"] = -1
+    with pytest.raises(TaskfedError, match="counts"):
+        decode_jobs(content, SHAPES)
+
+
 def test_results_checks():
     jobs = [Job(client="1", adapter="global", init=adapter(0))]
     good = {"job": [0], "n_rows": [5], "n_client": [9], "loss": [1.5], "chosen": [-1], "uploaded": [True]}

@@ -184,19 +184,52 @@ def decode_jobs(content: RecordDict, shapes: Shapes) -> tuple[int, list[Job]]:
             return LocalRef(value[1], arrays(value[2]) if value[2] else None)
         return arrays(value[1])
 
-    jobs = []
-    for i in range(int(head["n_jobs"])):
-        rec = content.config_records[f"job.{i}"]
-        rows = tuple(rec["rows"])
-        if rows and rows[0] == "label":
-            rows = ("label", rows[1], int(rows[2]))
-        jobs.append(Job(
-            client=str(rec["client"]), adapter=str(rec["adapter"]), init=source(list(rec["init"])), rows=rows or ALL_ROWS,
-            steps=rec.get("steps"), batch=rec.get("batch"), lr=rec.get("lr"), prox_mu=float(rec["prox_mu"]),
-            scale=float(rec["scale"]), frozen=[(source(list(rec[f"frozen.{j}"])), float(c)) for j, c in enumerate(rec["frozen_coef"])],
-            keep_as=rec.get("keep_as"), upload=bool(rec["upload"]),
-            candidates=[arrays(k) for k in rec["candidates"]] if "candidates" in rec else None))
-    return int(head["round"]), jobs
+    try:
+        n_jobs, round_idx = head["n_jobs"], head["round"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (n_jobs, round_idx)):
+            raise TaskfedError("flower message: the round header's counts are not non-negative integers.")
+        return round_idx, [_job(content.config_records[f"job.{i}"], source, arrays) for i in range(n_jobs)]
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise TaskfedError(f"flower message: malformed job ({type(exc).__name__}: {exc}).") from None
+
+
+def _job(rec: ConfigRecord, source, arrays) -> Job:
+    """One job record, every field of its type and range (a node never trains on a malformed plan)."""
+    def number(key: str, kind: type, low: float, default: Any = None, strictly: bool = False) -> Any:
+        value = rec.get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool) and kind is float:
+            value = float(value)
+        ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or value < low or (strictly and value == low):
+            raise TaskfedError(f"flower message: job field '{key}' = {value!r} is not a {kind.__name__} "
+                               f"{'>' if strictly else '>='} {low:g}.")
+        return value
+
+    rows = tuple(rec["rows"])
+    if rows and rows[0] == "label":
+        rows = ("label", str(rows[1]), int(rows[2]))
+    elif rows and rows[0] == "task":
+        rows = ("task", str(rows[1]))
+    elif rows:
+        raise TaskfedError(f"flower message: unknown row selector {list(rows)!r}.")
+    for key in ("client", "adapter"):
+        if not isinstance(rec.get(key), str):
+            raise TaskfedError(f"flower message: job field '{key}' is not a string.")
+    return Job(client=rec["client"], adapter=rec["adapter"], init=source(list(rec["init"])), rows=rows or ALL_ROWS,
+               steps=number("steps", int, 1), batch=number("batch", int, 1), lr=number("lr", float, 0.0, strictly=True),
+               prox_mu=number("prox_mu", float, 0.0, 0.0), scale=number("scale", float, 0.0, 1.0),
+               frozen=[(source(list(rec[f"frozen.{j}"])), number_of(c)) for j, c in enumerate(rec["frozen_coef"])],
+               keep_as=rec.get("keep_as") if isinstance(rec.get("keep_as"), str) else None,
+               upload=bool(rec["upload"]),
+               candidates=[arrays(k) for k in rec["candidates"]] if "candidates" in rec else None)
+
+
+def number_of(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TaskfedError(f"flower message: job coefficient {value!r} is not a finite number.")
+    return float(value)
 
 
 # ----------------------------------------------------------------------------- results (node -> server)

@@ -132,7 +132,8 @@ class FlowerEngine:
         for node_id, why in failed.items():
             LOG.warning("node %s left out of the federation: %s", node_id, why)
         if not clients:
-            raise TaskfedError("flower: no node answered the hello.")
+            why = "; ".join(f"node {n}: {w}" for n, w in sorted(failed.items()))
+            raise TaskfedError(f"flower: no node answered the hello ({why}).")
         if len(views) > 1:
             raise TaskfedError("flower: the nodes disagree on the run's tasks: give them the same data and config.")
         seen, unseen = views.pop()

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from taskfed.errors import TaskfedError
 from taskfed.methods.base import Client, Downlink, Job, Method, RunningMean
 from taskfed.model.bank import AdapterWeights, RowMix
 from taskfed.training import adapter_losses, sample_order
@@ -53,6 +54,11 @@ class IFCA(Method):
 
     def __init__(self, params, fed):
         super().__init__(params, fed)
+        if params.n_clusters > len(fed.clients):
+            # Every round each client tries every cluster on a batch: more clusters than clients is work
+            # for clusters that can never all be filled.
+            raise TaskfedError(f"method.n_clusters: {params.n_clusters} clusters need at least as many clients, "
+                               f"but the run has {len(fed.clients)}.")
         self.clusters: list[AdapterWeights] = [
             perturbed(fed.init_adapter, params.init_std, zlib.crc32(f"{fed.seed}/ifca/{j}".encode()))
             for j in range(params.n_clusters)]
