@@ -135,3 +135,18 @@ def test_corrupt_or_mismatched_adapter_is_refused_with_its_path(base, tmp_path):
     save_adapter(nan, tmp_path / "nan", base_model="tiny", r=4, alpha=8, target_modules=["q_proj", "v_proj"])
     with pytest.raises(TaskfedError, match="NaN"):
         load_adapter(tmp_path / "nan", bank.shapes())
+
+
+def test_an_adapter_file_with_integer_tensors_is_refused(tmp_path):
+    import pytest
+    from safetensors.torch import save_file
+
+    from taskfed.errors import TaskfedError
+    from taskfed.model.peft_io import load_adapter
+
+    folder = tmp_path / "a"
+    folder.mkdir()
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 3, dtype=torch.int64)},
+              str(folder / "adapter_model.safetensors"))
+    with pytest.raises(TaskfedError, match="expected floating point"):
+        load_adapter(folder)

@@ -30,7 +30,7 @@ class Experiment(Driver):
         self.rt = rt or Runtime(cfg)
         self.clients = pop.clients
         self.test_by_task, self.seen, self.unseen = pop.test_by_task, pop.seen, pop.unseen
-        super().__init__(cfg, InProcessEngine(self.rt, pop, cfg, gen_cache=gen_cache, log=log), log=log)
+        super().__init__(cfg, InProcessEngine(self.rt, pop, cfg, gen_cache=gen_cache), log=log)
 
 
 def run_experiment(cfg: RunConfig, out_dir: str | Path | None = None, rt: Runtime | None = None,

@@ -54,12 +54,12 @@ class InProcessEngine:
     name = "inprocess"
 
     def __init__(self, rt: Runtime, pop: Population | dict[str, Client], cfg: RunConfig,
-                 gen_cache: dict | None = None, log: Callable[[str], None] = lambda s: None):
+                 gen_cache: dict | None = None):
         if isinstance(pop, dict):  # clients only (to run jobs): no tasks, no test rows
             pop = Population(pop, [], [], {}, {})
         # gen_cache: generations keyed by (prompt, adapter fingerprints and weights, budget); a bench passes
         # one dict to every run on the same runtime so that identical (adapter, input) pairs generate once.
-        self.rt, self.pop, self.cfg, self.log = rt, pop, cfg, log
+        self.rt, self.pop, self.cfg = rt, pop, cfg
         self.clients: dict[str, Client] = pop.clients
         self.gen_cache = {} if gen_cache is None else gen_cache
         self.client_side: Method | None = None  # the method's client hooks, from `attach`
@@ -217,7 +217,7 @@ class InProcessEngine:
         for cid, records in rows.items():
             if records:
                 out[cid] = evaluate_client(self.rt, self.client_side, self.clients[cid], records, downlink(cid),
-                                           self.budgets(), self.gen_cache, self.log, mode)
+                                           self.budgets(), self.gen_cache)
         return out, {}
 
     def save_client_adapters(self, folder: Path, lora: dict) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -57,8 +56,7 @@ class ClientEval:
 
 
 def evaluate_client(rt: Runtime, method: Method, client: Client, records: list[Record], sent: Downlink,
-                    max_new: dict[str, int], cache: dict, log: Callable[[str], None] = lambda s: None,
-                    mode: str = "") -> ClientEval:
+                    max_new: dict[str, int], cache: dict) -> ClientEval:
     """The client side of evaluation: the method's adapters and route for these rows (what it was sent, and
     its own store), greedy generation in batches sorted by budget and prompt length, each row under its own
     mix (rows found in `cache` are not generated again), scores per task."""

@@ -29,6 +29,8 @@ def from_peft_state(state: dict[str, torch.Tensor], where: str) -> AdapterWeight
     for key, value in state.items():
         if not (key.startswith(PREFIX) and key.endswith(".weight") and (".lora_A." in key or ".lora_B." in key)):
             raise TaskfedError(f"{where}: unexpected tensor '{key}' in a LoRA adapter file.")
+        if not value.is_floating_point():  # checked before the cast below would hide it
+            raise TaskfedError(f"{where}: tensor '{key}' has dtype {value.dtype}, expected floating point.")
         out[key[len(PREFIX):-len(".weight")]] = value.to(torch.float32)
     return out
 
@@ -61,8 +63,9 @@ def load_adapter(directory: str | Path, expected_shapes: dict[str, tuple[int, ..
         weights = from_peft_state(load_file(str(path)), str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise TaskfedError(f"{path}: corrupt adapter file ({str(exc).splitlines()[0]}).") from None
-    if expected_shapes is not None:
-        check_weights(weights, expected_shapes, str(path))
+    # Without expected shapes, still only finite floating-point tensors: an integer or NaN "adapter" is not one.
+    check_weights(weights, expected_shapes if expected_shapes is not None else
+                  {k: tuple(v.shape) for k, v in weights.items()}, str(path))
     return weights
 
 
