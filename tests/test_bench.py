@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import taskfed.run
@@ -115,7 +116,18 @@ def suite_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_interrupted_bench_resumes_to_the_same_report(suite_file: Path, tmp_path: Path, monkeypatch):
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a loaded machine a multi-threaded matmul may split its sums differently from
+    one run to the next (the pool shrinks), and a flipped greedy token would fail an equality that is about
+    resuming, not about thread scheduling."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_interrupted_bench_resumes_to_the_same_report(suite_file: Path, tmp_path: Path, monkeypatch, one_thread):
     whole = tmp_path / "whole"
     run_bench(suite_file, whole, smoke=True, log=lambda s: None)
     expected = (whole / "report.md").read_text()
