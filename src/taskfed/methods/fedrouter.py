@@ -46,6 +46,10 @@ through `FedRouter.embed`, so they use the same depth; `Runtime.embed` caches pe
 
 Privacy note (methods.md): local centroids of data embeddings leave the client, as float32 arrays; what
 the server sends back for routing (global centroids, the client's bindings) is arrays too, never text.
+Under `privacy.centroids` (taskfed/privacy.py) the embeddings are clipped to the public radius before local
+clustering, the client uploads noisy per-cluster sums and counts instead, and the server's centroids are
+their ratio; a local cluster whose noisy count is below the floor is left out of the global clustering
+and bound by its clamped estimate. The router clips test embeddings with the same radius.
 """
 
 from __future__ import annotations

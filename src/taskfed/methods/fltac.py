@@ -29,7 +29,9 @@ round; at evaluation the clients' true task of each id is joined in to give the 
 accuracy on the rows it routed and the task make-up of the final clusters.
 
 Privacy note: per-task centroids of data embeddings leave the client (as FedRouter's local centroids do),
-as float32 arrays; nothing else but adapters travels.
+as float32 arrays; nothing else but adapters travels. Under `privacy.centroids` (taskfed/privacy.py) they
+are noisy per-task sums and counts of clipped embeddings; an id whose noisy count is below the floor gives
+no routing centroid (its cluster's centroid is the mean of the others').
 """
 
 from __future__ import annotations
