@@ -20,7 +20,7 @@ from tests.test_bad_input import _cli, _one_error
 from tests.test_flower import untimed
 from tests.test_flower_engine import TASKS, FakeGrid, identity  # noqa: F401 (fixture)
 
-ON = ["privacy.centroids.clip=4", "privacy.centroids.epsilon=8", "privacy.updates.clip=0.5",
+ON = ["privacy.centroids.clip=4", "privacy.centroids.epsilon=8", "privacy.updates.clip=1e-4",  # binds: AdamW moves more
       "privacy.updates.noise_multiplier=1.0"]
 
 
@@ -186,17 +186,29 @@ def test_bad_privacy_options_are_one_error_line_and_exit_2(tmp_path, sets, key):
 
 
 # ----------------------------------------------------------------------------- Flower
-def test_flower_with_privacy_on_equals_in_process(identity, tmp_path):  # noqa: F811
+def test_flower_with_privacy_on_equals_in_process(identity, tmp_path, monkeypatch):  # noqa: F811
+    import taskfed.engine.inprocess as inprocess
     from taskfed.federation import Driver
     from taskfed.flower.engine import FlowerEngine, Options
     from taskfed.run import Experiment
+
+    clipped = []
+
+    def counting(weights, init, clip):
+        out = privacy.clip_update(weights, init, clip)
+        clipped.append(out is not weights)
+        return out
+
+    monkeypatch.setattr(inprocess, "clip_update", counting)  # the code a Flower node runs too
 
     cfg = tiny_config("method.name=fedrouter", "method.n_global=2", "scenario.n_clients=3",
                       "scenario.clients_per_round=2", f"data.tasks={TASKS}", *ON)
     ex = Experiment(cfg)
     want = ex.run(tmp_path / "inprocess")
     driver = Driver(cfg, FlowerEngine(FakeGrid(tmp_path / "state"), cfg, Options(round_timeout=60)))
+    n_in_process = len(clipped)
     got = driver.run(tmp_path / "flower")
+    assert n_in_process and len(clipped) == 2 * n_in_process and all(clipped)  # clipped on the nodes too
     assert "privacy" in got and untimed(got) == untimed(json.loads(json.dumps(want)))
     assert _adapters_equal(ex.method.server_adapters(), driver.method.server_adapters())
     plain = Experiment(tiny_config("method.name=fedrouter", "method.n_global=2", "scenario.n_clients=3",

@@ -25,6 +25,7 @@ CONFIG_VERSION = 1
 # this harness is meant for; a larger product is a typo (an extra digit or three) caught before it costs days.
 MAX_TRAIN_ROWS = 10**9
 MAX_DEPTH = 16  # tables and lists inside each other; a config needs 3
+CENTROID_METHODS = ("fedrouter", "fedrouter-oracle", "fltac")  # the methods that upload data centroids
 
 
 class _Strict(BaseModel):
@@ -145,8 +146,6 @@ class RunConfig(_Strict):
         return self
 
     def _check_privacy(self) -> None:
-        from taskfed.privacy import CENTROID_METHODS  # no heavy import: the accountant is imported lazily
-
         name = self.method_name
         for key in ("centroids", "updates"):
             p = getattr(self.privacy, key)

@@ -49,7 +49,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-CENTROID_METHODS = ("fedrouter", "fedrouter-oracle", "fltac")
+from taskfed.config import CENTROID_METHODS  # noqa: F401 (the methods privacy.centroids applies to)
+
 Z_MAX = 1e4  # the largest noise multiplier the search tries; a target it cannot meet is refused
 ROUNDS_OF_SEARCH = 60
 # RDP orders: integers only (dp-accounting's exact closed form for Poisson-sampled Gaussians; its fractional

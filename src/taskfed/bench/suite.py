@@ -236,7 +236,7 @@ def run_bench(suite_path: Path, out: Path, smoke: bool = False, device: str | No
     """Runs every unfinished cell of the suite into `out`, then writes out/report.md."""
     suite = load_suite(suite_path)
     grid = cells(suite, str(suite_path), smoke, device)
-    resolved = {"suite": suite.model_dump(), "smoke": smoke, "device": device}
+    resolved = {"suite": suite.model_dump(exclude_none=True), "smoke": smoke, "device": device}
     claim_folder(out, resolved, grid)  # only now that every cell validated
     # torch, matplotlib and the methods: only once the suite is valid
     from taskfed.bench.report import write_report
