@@ -26,10 +26,15 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))
 
 from taskfed.bench import figures  # noqa: E402
 from taskfed.config import load_config  # noqa: E402
 from taskfed.run import Experiment  # noqa: E402
+
+
+def score(point: dict) -> str:
+    return "-" if point["score"] is None else f"{point['score']:.4f}"
 
 
 def main() -> None:
@@ -42,6 +47,8 @@ def main() -> None:
     ap.add_argument("--clip", type=float, default=30.0)
     ap.add_argument("--methods", default="fedrouter,fltac")
     ap.add_argument("--out", default=str(ROOT / "docs" / "privacy_cost"))
+    ap.add_argument("--no-generate", action="store_true", help="router accuracy only: train, route the global-mode "
+                    "test inputs on the client side, no generation (no ROUGE)")
     args = ap.parse_args()
     epsilons = [float(e) for e in args.epsilons.split(",")]
     base = ["model.name=smollm2", "scenario.name=dual", "scenario.n_clients=8",
@@ -69,15 +76,22 @@ def main() -> None:
                 norms = np.linalg.norm(rt.embed(texts, layers=layers).double().numpy(), axis=1)
                 print(f"{name}: embedding norms p5/p50/p95/max {np.percentile(norms, 5):.1f} / "
                       f"{np.median(norms):.1f} / {np.percentile(norms, 95):.1f} / {norms.max():.1f}", flush=True)
-            m = exp.run()
-            ev = m["eval"]["global"]
+            if args.no_generate:
+                exp.train()
+                from benchmarks.fedrouter_embedding import routed
+
+                ev = exp.method.eval_report("global", routed(exp, "global")) | {"score": None}
+                m = exp.metrics([], 0, {})
+            else:
+                m = exp.run()
+                ev = m["eval"]["global"]
             point = {"epsilon": eps, "router_accuracy": ev.get("router_accuracy"), "score": ev["score"],
                      "noise_multiplier": m.get("privacy", {}).get("centroids", {}).get("noise_multiplier"),
                      "epsilon_spent": m.get("privacy", {}).get("centroids", {}).get("epsilon"),
                      "seconds": time.perf_counter() - tic}
             results[name].append(point)
             print(f"{name} epsilon {'off' if eps is None else f'{eps:g}'}: router accuracy {point['router_accuracy']:.3f}, "
-                  f"ROUGE-1 {point['score']:.4f} ({point['seconds']:.0f} s)", flush=True)
+                  f"ROUGE-1 {score(point)} ({point['seconds']:.0f} s)", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
@@ -90,7 +104,7 @@ def main() -> None:
         for p in pts:
             e = "off" if p["epsilon"] is None else f"{p['epsilon']:g}"
             z = "-" if p["noise_multiplier"] is None else f"{p['noise_multiplier']:.3f}"
-            print(f"| {n} | {e} | {z} | {p['router_accuracy']:.3f} | {p['score']:.4f} |")
+            print(f"| {n} | {e} | {z} | {p['router_accuracy']:.3f} | {score(p)} |")
         ok = [p["epsilon"] for p in pts[1:] if p["router_accuracy"] >= off - 0.05]
         print(f"{n}: smallest epsilon with router accuracy within 5 points of off: {min(ok) if ok else 'none'}")
 

@@ -141,8 +141,14 @@ def check(cfg) -> str | None:
 
 
 # ----------------------------------------------------------------------------- centroids (client side)
+def of(rt):
+    """The run config a client-side hook reads privacy from: its runtime's (None for a runtime without one,
+    e.g. a test double: privacy off)."""
+    return getattr(rt, "cfg", None)
+
+
 def centroids_on(cfg) -> bool:
-    return cfg.privacy.centroids is not None
+    return cfg is not None and cfg.privacy.centroids is not None
 
 
 def clip_rows(x: np.ndarray, clip: float) -> np.ndarray:

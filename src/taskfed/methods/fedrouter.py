@@ -129,7 +129,7 @@ class FedRouter(Method):
                                f"layers (use 1..{rt.n_layers}, or leave it unset for all of them).")
         # Under privacy.centroids every embedding is clipped to the public radius first, so local clustering,
         # the released centroids and the router all work in the same (clipped) space.
-        return privacy.clip_embeddings(rt.embed(texts, layers=layers).double().numpy(), rt.cfg)
+        return privacy.clip_embeddings(rt.embed(texts, layers=layers).double().numpy(), privacy.of(rt))
 
     def setup_client(self, client: Client, rt) -> dict[str, np.ndarray]:
         emb = self.embed(rt, [r.instruction for r in client.records])
@@ -142,7 +142,7 @@ class FedRouter(Method):
         centroids = member_means(emb, labels, n_local)
         client.store[LABELS] = labels
         client.store[CENTROIDS] = centroids
-        if privacy.centroids_on(rt.cfg):  # noisy per-cluster sums and counts instead (taskfed/privacy.py)
+        if privacy.centroids_on(privacy.of(rt)):  # noisy per-cluster sums and counts instead (taskfed/privacy.py)
             upload = privacy.release_centroids(emb, labels, n_local, rt.cfg, client.id, "fedrouter")
         else:
             upload = {"centroids": centroids.astype(np.float32)}

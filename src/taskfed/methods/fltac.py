@@ -89,8 +89,8 @@ class FLTAC(Method):
         index = np.array([position[r.task] for r in client.records], dtype=np.int64)
         client.store[TASKS] = tasks
         client.store[INDEX] = index
-        emb = privacy.clip_embeddings(rt.embed([r.instruction for r in client.records]).double().numpy(), rt.cfg)
-        if privacy.centroids_on(rt.cfg):  # noisy per-task sums and counts instead (taskfed/privacy.py)
+        emb = privacy.clip_embeddings(rt.embed([r.instruction for r in client.records]).double().numpy(), privacy.of(rt))
+        if privacy.centroids_on(privacy.of(rt)):  # noisy per-task sums and counts instead (taskfed/privacy.py)
             return privacy.release_centroids(emb, index, len(tasks), rt.cfg, client.id, "fltac")
         centroids = np.stack([emb[index == k].mean(axis=0) for k in range(len(tasks))])
         return {"centroids": centroids.astype(np.float32)}
@@ -160,7 +160,7 @@ class FLTAC(Method):
         if rest:
             if "centroids" not in sent.arrays:
                 raise TaskfedError("fltac: the router needs at least one round of clustering.")
-            emb = privacy.clip_embeddings(rt.embed([records[i].instruction for i in rest]).double().numpy(), rt.cfg)
+            emb = privacy.clip_embeddings(rt.embed([records[i].instruction for i in rest]).double().numpy(), privacy.of(rt))
             for i, g in zip(rest, nearest(emb, sent.arrays["centroids"])):
                 slots[i] = names.index(f"cluster/{int(g)}")
         return RowMix.one_hot(slots)
