@@ -109,7 +109,8 @@ def cluster_means(adapters: list[AdapterWeights], labels: Sequence[int],
     out = {}
     for g in sorted(set(labels.tolist())):
         idx = np.flatnonzero(labels == g)
-        out[g] = weighted_mean([adapters[i] for i in idx], None if weights is None else [weights[i] for i in idx])
+        out[g] = weighted_mean([adapters[i] for i in idx], None if weights is None else [weights[i] for i in idx],
+                               name=f"cluster/{g}")
     return out
 
 

@@ -25,6 +25,7 @@ CONFIG_VERSION = 1
 # this harness is meant for; a larger product is a typo (an extra digit or three) caught before it costs days.
 MAX_TRAIN_ROWS = 10**9
 MAX_DEPTH = 16  # tables and lists inside each other; a config needs 3
+CENTROID_METHODS = ("fedrouter", "fedrouter-oracle", "fltac")  # the methods that upload data centroids
 
 
 class _Strict(BaseModel):
@@ -91,6 +92,25 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(default=64, ge=1, le=32768, description="cap on the per-task budget")
 
 
+class MechanismConfig(_Strict):
+    """A DP mechanism (taskfed/privacy.py): a clip bound and either a target epsilon or a noise multiplier."""
+
+    clip: float | None = Field(default=None, gt=0, le=1e9, description="L2 bound of one contribution (required)")
+    epsilon: float | None = Field(default=None, gt=0, le=1e6, description="target: taskfed finds the noise")
+    noise_multiplier: float | None = Field(default=None, gt=0, le=1e6, description="given: taskfed reports epsilon")
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+
+
+class CentroidPrivacy(MechanismConfig):
+    min_count: float | None = Field(default=None, ge=0, le=1e12, description="a noisy count below it is an empty "
+                                    "cluster; default 2 x the count's noise std, at least 1")
+
+
+class PrivacyConfig(_Strict):
+    centroids: CentroidPrivacy | None = None  # off unless given
+    updates: MechanismConfig | None = None
+
+
 class RunConfig(_Strict):
     version: int = CONFIG_VERSION
     seed: int = Field(default=0, ge=0, lt=2**63)  # numpy's seeding range
@@ -101,6 +121,7 @@ class RunConfig(_Strict):
     lora: LoraConfig = LoraConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
@@ -121,7 +142,28 @@ class RunConfig(_Strict):
         if rows > MAX_TRAIN_ROWS:
             raise ValueError(f"the budget trains {rows:.3g} rows (train.rounds x clients per round x train.steps x "
                              f"train.batch), above the cap of {MAX_TRAIN_ROWS:.0e}: check for a typo")
+        self._check_privacy()
         return self
+
+    def _check_privacy(self) -> None:
+        name = self.method_name
+        for key in ("centroids", "updates"):
+            p = getattr(self.privacy, key)
+            if p is None:
+                continue
+            if name == "local":
+                raise ValueError(f"privacy.{key}: method 'local' shares nothing, so there is nothing to protect")
+            if p.clip is None:
+                raise ValueError(f"privacy.{key}.clip is required (the L2 bound the noise is calibrated to)")
+            if (p.epsilon is None) == (p.noise_multiplier is None):
+                raise ValueError(f"privacy.{key}: give exactly one of privacy.{key}.epsilon (taskfed finds the noise) "
+                                 f"and privacy.{key}.noise_multiplier (taskfed reports the epsilon)")
+        if self.privacy.centroids is not None:
+            if name not in CENTROID_METHODS:
+                raise ValueError(f"privacy.centroids: method '{name}' shares no centroids (only "
+                                 f"{', '.join(CENTROID_METHODS)} do)")
+            if self.method.get("router") == "oracle":
+                raise ValueError("privacy.centroids: method.router = 'oracle' uploads exact task counts per cluster")
 
     @property
     def method_name(self) -> str:
@@ -264,4 +306,11 @@ def validate_config(raw: dict[str, Any], source: str, sources: dict[str, str] | 
     from taskfed.methods import check_params
 
     check_params(cfg.method, lambda key: blame(key, source, sources))
+    if cfg.privacy.centroids is not None or cfg.privacy.updates is not None:
+        from taskfed.privacy import check as check_privacy  # the accountant: only when privacy is asked for
+
+        why = check_privacy(cfg)
+        if why:
+            key = why.split(":", 1)[0]
+            raise TaskfedError(f"{blame(key, source, sources)}: {why}.")
     return cfg

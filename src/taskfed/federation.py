@@ -24,7 +24,7 @@ import numpy as np
 import tomli_w
 import torch
 
-from taskfed import progress
+from taskfed import privacy, progress
 from taskfed.config import RunConfig
 from taskfed.engine import Engine, RoundStats
 from taskfed.errors import TaskfedError
@@ -57,6 +57,8 @@ class Driver:
         self.build(sorted(self.roster.clients))
         self.setup_seconds = 0.0
         self.left_out: dict[str, str] = {}  # clients whose setup failed or was refused, and why
+        self.released: list[str] = []  # clients whose private centroids the server received
+        self.rates: list[float] = []  # privacy.updates: the sampling rate of each round that uploaded
 
     def build(self, clients: list[str]) -> None:
         """The federation's public facts and the method's server side, for these clients."""
@@ -71,6 +73,10 @@ class Driver:
         tic = time.perf_counter()
         with progress.task("client setup", total=len(self.fed.clients), unit="clients"):
             uploads, up, failed = self.engine.setup(self.fed)
+        # Private centroids arrive as noisy sums and counts: the server's centroids are their ratio.
+        uploads, refused = privacy.receive_centroids(uploads, self.cfg)
+        failed.update(refused)
+        self.released = sorted(c for c in uploads if c not in failed) if privacy.centroids_on(self.cfg) else []
         failed.update(self.method.check_setup({c: u for c, u in uploads.items() if c not in failed}))
         if failed:  # membership is fixed here: the run goes on without them, from a fresh server side
             keep = [c for c in self.fed.clients if c not in failed]
@@ -93,13 +99,27 @@ class Driver:
         selected = sample_clients(self.fed.clients, self.cfg.scenario.clients_per_round, self.cfg.seed, r)
         jobs = self.method.plan(r, selected)
         total = self.method.n_rounds(self.cfg.train.rounds)
+        uploaded = [0]
         with progress.task(f"round {r + 1}/{total}", total=len(jobs), unit="jobs"):
             results, stats = self.engine.stream(r, jobs)
+
+            def uploads():
+                for x in results:
+                    if x.weights is not None:
+                        uploaded[0] += 1
+                        yield x
+
             # The server receives uploads only (a job that keeps its adapter on the client sends nothing),
-            # one at a time as they arrive: a streaming aggregation never holds the whole round.
-            self.method.aggregate(r, (x for x in results if x.weights is not None))
-            for _ in results:  # what the aggregation did not pull (e.g. Local's client-kept jobs) still runs
+            # one at a time as they arrive: a streaming aggregation never holds the whole round. Under
+            # privacy.updates the aggregation's means are noised (privacy.aggregation).
+            with privacy.aggregation(self.cfg, r):
+                self.method.aggregate(r, uploads())
+            for _ in uploads():  # what the aggregation did not pull (e.g. Local's client-kept jobs) still runs
                 pass
+        if uploaded[0]:  # the accountant's round: every client trained (q = 1) or a sample of them
+            everyone = {j.client for j in jobs if j.upload} - set(selected)
+            s = self.cfg.scenario
+            self.rates.append(1.0 if everyone or s.clients_per_round is None else s.clients_per_round / s.n_clients)
         record = round_record(r, stats, time.perf_counter() - start)
         record.update(self.method.round_report(r))
         for who, why in stats.dropped.items():
@@ -151,6 +171,8 @@ class Driver:
             "rounds": rounds, "eval": evaluation, "setup_seconds": self.setup_seconds,
             "clients": {cid: {"n_train": c.n_train, "tasks": list(c.tasks)} for cid, c in sorted(self.roster.clients.items())},
             **({"left_out": dict(sorted(self.left_out.items()))} if self.left_out else {}),
+            **({"privacy": privacy.report(self.cfg, self.rates, self.released, list(self.fed.clients))}
+               if privacy.centroids_on(self.cfg) or privacy.updates_on(self.cfg) else {}),
         }
 
     def run(self, out_dir: str | Path | None = None) -> dict:

@@ -97,3 +97,25 @@ def score_vs_bytes(path: Path, title: str, points: dict[str, tuple[float, float]
     ax.set_ylabel(f"ROUGE-1 ({mode})")
     ax.set_title(title)
     return _save(fig, path)
+
+
+def privacy_cost(path: Path, title: str, curves: dict[str, list[tuple[float, float | None, float | None]]]) -> Path:
+    """Router accuracy (left) and score (right) against epsilon per method; the non-private run (epsilon
+    inf) is drawn at the right end, labelled "off"."""
+    finite = sorted({e for pts in curves.values() for e, _, _ in pts if np.isfinite(e)})
+    off_x = (finite[-1] * 2.0) if finite else 1.0
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.6))
+    for ax, j, label in ((axes[0], 1, "router accuracy"), (axes[1], 2, "ROUGE-1")):
+        for method, pts in curves.items():
+            xs = [e if np.isfinite(e) else off_x for e, *_ in pts]
+            ys = [np.nan if p[j] is None else p[j] for p in pts]
+            ax.plot(xs, ys, marker="o", label=method)
+        ax.set_xscale("log")
+        ticks = finite + [off_x]
+        ax.set_xticks(ticks, [f"{e:g}" for e in finite] + ["off"])
+        ax.minorticks_off()
+        ax.set_xlabel("epsilon")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

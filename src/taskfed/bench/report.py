@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from taskfed.bench import figures
 from taskfed.bench.stats import CLAIMS, Summary, best_baseline, mean_ci, relative_gain
-from taskfed.bench.suite import BASELINES
+from taskfed.bench.suite import BASELINES, SWEPT
 from taskfed.errors import TaskfedError
 
 WALL_TIME_HEADING = "## Wall time"
@@ -347,6 +347,46 @@ def _accuracies(t: BenchTables) -> list[str]:
     return ["## Routing and clustering accuracy", ""] + lines + [""] if lines else []
 
 
+def privacy_curves(t: BenchTables, scenario: str) -> dict[str, list[tuple[float, Summary, Summary]]]:
+    """Per swept method (an epsilon sweep's base label): (epsilon, router accuracy, score) over the sweep,
+    epsilon = inf for the non-private cell; the mode is global where evaluated, else the first."""
+    modes = t.modes(scenario)
+    mode = "global" if "global" in modes else modes[0]
+    methods = t.methods(scenario)
+    out: dict[str, list] = {}
+    for m in methods:
+        hit = SWEPT.fullmatch(m)
+        if hit and hit.group(1) in methods:
+            out.setdefault(hit.group(1), []).append((float(hit.group(2)), m))
+    curves = {}
+    for base, swept in out.items():
+        points = []
+        for eps, m in sorted(swept) + [(float("inf"), base)]:
+            evs = [r.metrics["eval"].get(mode, {}) for r in t.by_cell[(scenario, m)]]
+            points.append((eps, mean_ci([e.get("router_accuracy") for e in evs]), t.score(scenario, m, mode)))
+        curves[base] = points
+    return curves
+
+
+def _privacy(t: BenchTables, folder: Path) -> list[str]:
+    """The cost of privacy: router accuracy and score against epsilon, a table and a figure per scenario."""
+    lines = []
+    for scenario in t.scenarios:
+        curves = privacy_curves(t, scenario)
+        if not curves:
+            continue
+        lines += [f"### {scenario}", "", "| method | epsilon | router accuracy | score |", "|---|---|---|---|"]
+        for base, points in curves.items():
+            lines += [f"| {base} | {'off' if eps == float('inf') else f'{eps:g}'} | {_fmt(acc, 3) if acc.n else '-'} "
+                      f"| {_fmt(score)} |" for eps, acc, score in points]
+        p = figures.privacy_cost(folder / "figures" / f"privacy_{scenario}.png",
+                                 f"{scenario}: router accuracy and score against epsilon",
+                                 {b: [(e, a.mean if a.n else None, s.mean if s.n else None) for e, a, s in pts]
+                                  for b, pts in curves.items()})
+        lines += ["", f"![privacy {scenario}]({p.relative_to(folder).as_posix()})", ""]
+    return ["## Privacy: accuracy against epsilon", ""] + lines if lines else []
+
+
 def _wall_time(t: BenchTables) -> list[str]:
     lines = [WALL_TIME_HEADING, "", "Mean seconds per cell (machine-dependent; the only section that differs "
              "between two runs of the same bench).", "",
@@ -389,6 +429,7 @@ def build_report(folder: Path) -> str:
         lines += ["## The papers' claims at this scale", "",
                   "\"within noise\": above on the mean but not by more than the confidence intervals.", ""] + claims + [""]
     lines += _accuracies(t)
+    lines += _privacy(t, folder)
     lines += ["## Figures", ""] + _figures(t, folder)
     lines += _wall_time(t)
     return "\n".join(lines) + "\n"

@@ -18,6 +18,12 @@ A suite file (TOML):
     [scenario.config.scenario]
     name = "single"
 
+    [scenario.epsilon_sweep]  # optional: every method also at these epsilons (privacy.<mechanism>)
+    mechanism = "centroids"   # or "updates"
+    epsilons = [1, 4, 8]      # each a cell labelled <method label>-eps<epsilon>; the plain cell is "off"
+    clip = 8.0
+    delta = 1e-5
+
 A cell's folder is DIR/<scenario label>/<method label>/seed-<seed>. A folder holding `metrics.json` is
 finished (run folders are renamed into place only when complete), so a second `taskfed bench` resumes.
 Cells that share a runtime key (model, LoRA shape, template, length; the seed too for the randomly
@@ -33,7 +39,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -56,11 +62,33 @@ def check_label(value: Any, what: str) -> str:
     return value
 
 
+class EpsilonSweep(BaseModel):
+    """Each method of a scenario again at each epsilon of one privacy mechanism (taskfed/privacy.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    mechanism: Literal["centroids", "updates"]
+    epsilons: list[float] = Field(min_length=1)
+    clip: float = Field(gt=0)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+
+    def variants(self, label: str) -> list[tuple[str, dict[str, Any]]]:
+        """(method label, config overrides): the plain (non-private) cell first."""
+        out: list[tuple[str, dict[str, Any]]] = [(label, {})]
+        for eps in self.epsilons:
+            table = {"clip": self.clip, "delta": self.delta, "epsilon": eps}
+            out.append((f"{label}-eps{eps:g}", {"privacy": {self.mechanism: table}}))
+        return out
+
+
+SWEPT = re.compile(r"(.+)-eps([0-9.e+-]+)")  # a swept cell's method label: <base label>-eps<epsilon>
+
+
 class ScenarioSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     label: str
     config: dict[str, Any] = Field(default_factory=dict, description="merged over [base]")
     methods: list[dict[str, Any]] = Field(min_length=1)
+    epsilon_sweep: EpsilonSweep | None = None
 
     @field_validator("label")
     @classmethod
@@ -129,19 +157,21 @@ def cells(suite: Suite, source: str, smoke: bool = False, device: str | None = N
                 check_label(label, "method label")
             except ValueError as exc:
                 raise TaskfedError(f"{source}, scenario '{spec.label}': {exc}.") from None
-            if (spec.label, label) in seen:
-                raise TaskfedError(f"{source}: scenario '{spec.label}' lists method '{label}' twice "
-                                   f"(give one of them a distinct 'label').")
-            seen.add((spec.label, label))
-            for seed in suite.seeds:
-                raw = deep_merge(deep_merge(suite.base, spec.config), {"method": table, "seed": seed})
-                cfg = validate_config(raw, f"{source}, scenario '{spec.label}', method '{label}'")
-                if smoke:
-                    cfg = smoke_config(cfg)
-                if device is not None:
-                    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={
-                        "device": device, "dtype": "bfloat16" if device.startswith("cuda") else "float32"})})
-                out.append(Cell(spec.label, label, seed, cfg))
+            variants = spec.epsilon_sweep.variants(label) if spec.epsilon_sweep else [(label, {})]
+            for label, extra in variants:
+                if (spec.label, label) in seen:
+                    raise TaskfedError(f"{source}: scenario '{spec.label}' lists method '{label}' twice "
+                                       f"(give one of them a distinct 'label').")
+                seen.add((spec.label, label))
+                for seed in suite.seeds:
+                    raw = deep_merge(deep_merge(deep_merge(suite.base, spec.config), extra), {"method": table, "seed": seed})
+                    cfg = validate_config(raw, f"{source}, scenario '{spec.label}', method '{label}'")
+                    if smoke:
+                        cfg = smoke_config(cfg)
+                    if device is not None:
+                        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={
+                            "device": device, "dtype": "bfloat16" if device.startswith("cuda") else "float32"})})
+                    out.append(Cell(spec.label, label, seed, cfg))
     return out
 
 
@@ -206,7 +236,7 @@ def run_bench(suite_path: Path, out: Path, smoke: bool = False, device: str | No
     """Runs every unfinished cell of the suite into `out`, then writes out/report.md."""
     suite = load_suite(suite_path)
     grid = cells(suite, str(suite_path), smoke, device)
-    resolved = {"suite": suite.model_dump(), "smoke": smoke, "device": device}
+    resolved = {"suite": suite.model_dump(exclude_none=True), "smoke": smoke, "device": device}
     claim_folder(out, resolved, grid)  # only now that every cell validated
     # torch, matplotlib and the methods: only once the suite is valid
     from taskfed.bench.report import write_report

@@ -28,6 +28,7 @@ from taskfed.methods import build_method
 from taskfed.methods.base import Client, Downlink, Federation, Job, LocalRef, Method, Result
 from taskfed.model.peft_io import check_weights, n_bytes, save_adapter
 from taskfed.population import Population
+from taskfed.privacy import clip_update, updates_on
 from taskfed.runtime import Runtime
 from taskfed.training import PackTimes, TrainSpec, adapter_losses, cosine_lr, sample_order, train_pack
 
@@ -142,7 +143,9 @@ class InProcessEngine:
     def _results(self, round_idx: int, jobs: list[Job], stats: RoundStats) -> Iterator[Result]:
         resolved = [self._spec(job, round_idx) for job in jobs]
         specs = [s for s, _, _ in resolved]
-        meta = [(n_rows, chosen) for _, n_rows, chosen in resolved]
+        # What each job started from (a reference, no copy): under privacy.updates an upload's change from it
+        # is clipped on the client.
+        meta = [(n_rows, chosen, s.init) for s, n_rows, chosen in resolved]
         del resolved
         trained: dict[int, tuple] = {}
         times = PackTimes()
@@ -167,13 +170,17 @@ class InProcessEngine:
         if losses:
             stats.loss = float(np.mean(losses))
 
-    def _result(self, job: Job, n_rows: int, chosen: int | None, weights, loss: float, shapes,
+    def _result(self, job: Job, n_rows: int, chosen: int | None, init, weights, loss: float, shapes,
                 stats: RoundStats) -> Result | None:
-        """A trained job as the server sees it: kept on the client and/or uploaded, the upload checked."""
+        """A trained job as the server sees it: kept on the client and/or uploaded, the upload checked. Under
+        privacy.updates the upload's change from the job's starting weights is clipped here, on the client
+        (a Flower node runs this same code), before anything leaves it; what the client keeps is unclipped."""
         client = self.clients[job.client]
         if job.keep_as:
             client.store[job.keep_as] = weights
         if job.upload:
+            if updates_on(self.cfg):
+                weights = clip_update(weights, init, self.cfg.privacy.updates.clip)
             stats.bytes_up += n_bytes(weights)
             # The server checks every upload (keys, shapes, finite values); a bad one is left out of
             # the round with its reason, and the round goes on with the others.

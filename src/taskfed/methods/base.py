@@ -19,7 +19,6 @@ never on the server's object.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any, Callable, ClassVar, Hashable, Iterable
@@ -30,6 +29,7 @@ from pydantic import BaseModel, ConfigDict
 
 from taskfed.data.records import Record
 from taskfed.model.bank import AdapterWeights, RowMix
+from taskfed.privacy import contributor_weight, noised
 
 
 class NoParams(BaseModel):
@@ -237,15 +237,19 @@ class Method:
 class RunningMean:
     """A weighted mean of adapters folded in one at a time (streaming aggregation): float64 sums key by key,
     so a server holds one adapter-sized sum per aggregate instead of every upload of the round. Folding the
-    same adapters in the same order gives the same bits (engines deliver results in plan order)."""
+    same adapters in the same order gives the same bits (engines deliver results in plan order).
 
-    def __init__(self) -> None:
+    Under `privacy.updates` (taskfed/privacy.py) every contributor weighs 1 and the sum gets the round's
+    seeded Gaussian noise before the division; `name` (the aggregate: "global", "cluster/3") seeds it."""
+
+    def __init__(self, name: str = "global") -> None:
+        self.name = name
         self.sums: dict[str, torch.Tensor] | None = None
         self.total = 0.0
         self.count = 0
 
     def add(self, adapter: AdapterWeights, weight: float = 1.0) -> None:
-        w = float(weight)
+        w = contributor_weight(weight)
         if self.sums is None:
             self.sums = {key: adapter[key].double() * w for key in adapter}
         else:
@@ -260,22 +264,26 @@ class RunningMean:
     def mean(self) -> AdapterWeights:
         if self.sums is None:
             raise ValueError("no adapters to average")
-        return {key: (acc / self.total).float() for key, acc in self.sums.items()}
+        return {key: (acc / self.total).float() for key, acc in noised(self.sums, self.name).items()}
 
 
 def group_means(results: Iterable[Result], group: Callable[[Result], Hashable],
                 weight: Callable[[Result], float]) -> dict[Hashable, AdapterWeights]:
     """Per group, the weighted mean of the uploads in it, folded in one by one as `results` arrive (a
     streaming aggregation); a group with no upload has no entry."""
-    means: dict[Hashable, RunningMean] = defaultdict(RunningMean)
+    means: dict[Hashable, RunningMean] = {}
     for r in results:
-        means[group(r)].add(r.weights, weight(r))
+        g = group(r)
+        if g not in means:
+            means[g] = RunningMean(f"group/{g}")
+        means[g].add(r.weights, weight(r))
     return {g: mean.mean() for g, mean in means.items()}
 
 
-def weighted_mean(adapters: Iterable[AdapterWeights], weights: Iterable[float] | None = None) -> AdapterWeights:
+def weighted_mean(adapters: Iterable[AdapterWeights], weights: Iterable[float] | None = None,
+                  name: str = "global") -> AdapterWeights:
     """The weighted mean of adapters, key by key, accumulated in float64 in the given order (RunningMean)."""
-    acc = RunningMean()
+    acc = RunningMean(name)
     pairs = zip(adapters, repeat(1.0)) if weights is None else zip(adapters, weights, strict=True)
     for adapter, w in pairs:
         acc.add(adapter, w)

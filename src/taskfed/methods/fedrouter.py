@@ -46,6 +46,10 @@ through `FedRouter.embed`, so they use the same depth; `Runtime.embed` caches pe
 
 Privacy note (methods.md): local centroids of data embeddings leave the client, as float32 arrays; what
 the server sends back for routing (global centroids, the client's bindings) is arrays too, never text.
+Under `privacy.centroids` (taskfed/privacy.py) the embeddings are clipped to the public radius before local
+clustering, the client uploads noisy per-cluster sums and counts instead, and the server's centroids are
+their ratio; a local cluster whose noisy count is below the floor is left out of the global clustering
+and bound by its clamped estimate. The router clips test embeddings with the same radius.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from taskfed import privacy
 from taskfed.clustering import kmeans_adapters, kmeans_labels as kmeans, nearest
 from taskfed.data.records import Record
 from taskfed.errors import TaskfedError
@@ -104,6 +109,7 @@ class FedRouter(Method):
         self.centroids: np.ndarray | None = None  # G: n_global x d
         self.binding: dict[str, np.ndarray] | None = None  # client -> global cluster of each local cluster
         self.task_counts: dict[str, np.ndarray] = {}  # oracle router only: rows per (local cluster, task)
+        self.empty: dict[str, np.ndarray] = {}  # privacy.centroids: local clusters whose noisy count is too low
 
     # ================================================================== 1. local clustering (client)
     def local_labels(self, client: Client, emb: np.ndarray) -> np.ndarray:
@@ -121,7 +127,9 @@ class FedRouter(Method):
         if layers is not None and layers > rt.n_layers:
             raise TaskfedError(f"method.embed_layers: {layers} is more than the model's {rt.n_layers} decoder "
                                f"layers (use 1..{rt.n_layers}, or leave it unset for all of them).")
-        return rt.embed(texts, layers=layers).double().numpy()
+        # Under privacy.centroids every embedding is clipped to the public radius first, so local clustering,
+        # the released centroids and the router all work in the same (clipped) space.
+        return privacy.clip_embeddings(rt.embed(texts, layers=layers).double().numpy(), privacy.of(rt))
 
     def setup_client(self, client: Client, rt) -> dict[str, np.ndarray]:
         emb = self.embed(rt, [r.instruction for r in client.records])
@@ -134,7 +142,10 @@ class FedRouter(Method):
         centroids = member_means(emb, labels, n_local)
         client.store[LABELS] = labels
         client.store[CENTROIDS] = centroids
-        upload = {"centroids": centroids.astype(np.float32)}
+        if privacy.centroids_on(privacy.of(rt)):  # noisy per-cluster sums and counts instead (taskfed/privacy.py)
+            upload = privacy.release_centroids(emb, labels, n_local, rt.cfg, client.id, "fedrouter")
+        else:
+            upload = {"centroids": centroids.astype(np.float32)}
         if self.params.router == "oracle":
             # Oracle-only information (an upper bound, never part of FedRouter): how many rows of each
             # seen task every local cluster holds, so the server knows each task's majority cluster.
@@ -165,10 +176,14 @@ class FedRouter(Method):
     def setup_server(self, uploads: dict[str, dict[str, np.ndarray]]) -> None:
         self.local_centroids = {c: np.asarray(uploads[c]["centroids"], dtype=np.float64) for c in sorted(uploads)}
         self.task_counts = {c: np.asarray(uploads[c]["task_counts"]) for c in sorted(uploads) if "task_counts" in uploads[c]}
+        # Private centroids whose noisy count fell below the floor are empty: left out of the global
+        # clustering (their (client, local cluster) is still bound, by its clamped estimate).
+        self.empty = {c: np.asarray(uploads[c].get("empty", np.zeros(len(C), dtype=bool))) for c, C in self.local_centroids.items()}
         stacked = np.concatenate(list(self.local_centroids.values()))
+        stacked = stacked[~np.concatenate(list(self.empty.values()))]
         if len(stacked) < self.n_global:
             raise TaskfedError(f"method.n_global: {self.n_global} global clusters need at least as many local "
-                               f"clusters, but the clients hold {len(stacked)} in all.")
+                               f"clusters, but the clients hold {len(stacked)} (not empty) in all.")
         if self.params.global_clustering == "centroids":
             labels = kmeans(stacked, self.n_global, self.fed.seed)
             self.centroids = member_means(stacked, labels, self.n_global)
@@ -183,7 +198,8 @@ class FedRouter(Method):
         labels = kmeans_adapters([r.weights for r in results], self.n_global, self.fed.seed)
         pairs = [(r.job.client, local_index(r.job)) for r in results]
         points = np.stack([self.local_centroids[c][k] for c, k in pairs])
-        self.centroids = member_means(points, labels, self.n_global)
+        full = np.array([not self.empty[c][k] for c, k in pairs], dtype=bool)
+        self.centroids = member_means(points[full], labels[full], self.n_global)
         # Pairs not trained in round 0 (clients not sampled) are bound to the nearest of these centroids.
         self.binding = {c: nearest(C, self.centroids) for c, C in self.local_centroids.items()}
         for (c, k), g in zip(pairs, labels):

@@ -29,7 +29,9 @@ round; at evaluation the clients' true task of each id is joined in to give the 
 accuracy on the rows it routed and the task make-up of the final clusters.
 
 Privacy note: per-task centroids of data embeddings leave the client (as FedRouter's local centroids do),
-as float32 arrays; nothing else but adapters travels.
+as float32 arrays; nothing else but adapters travels. Under `privacy.centroids` (taskfed/privacy.py) they
+are noisy per-task sums and counts of clipped embeddings; an id whose noisy count is below the floor gives
+no routing centroid (its cluster's centroid is the mean of the others').
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from taskfed import privacy
 from taskfed.clustering import cluster_means, clustering_accuracy, kmeans_adapters, nearest
 from taskfed.data.records import Record
 from taskfed.errors import TaskfedError
@@ -77,6 +80,7 @@ class FLTAC(Method):
         self.cluster_adapters: list[AdapterWeights] = []  # the last round's K cluster means
         self.router_centroids: np.ndarray | None = None  # the last round's cluster centroids (K x d)
         self.history: list[dict[str, Any]] = []  # per round: ids and their cluster labels (bookkeeping)
+        self.no_centroid: set[tuple[str, int]] = set()  # privacy.centroids: ids whose noisy count is too low
 
     # ================================================================== client: tasks and centroids
     def setup_client(self, client: Client, rt) -> dict[str, np.ndarray]:
@@ -85,7 +89,9 @@ class FLTAC(Method):
         index = np.array([position[r.task] for r in client.records], dtype=np.int64)
         client.store[TASKS] = tasks
         client.store[INDEX] = index
-        emb = rt.embed([r.instruction for r in client.records]).double().numpy()
+        emb = privacy.clip_embeddings(rt.embed([r.instruction for r in client.records]).double().numpy(), privacy.of(rt))
+        if privacy.centroids_on(privacy.of(rt)):  # noisy per-task sums and counts instead (taskfed/privacy.py)
+            return privacy.release_centroids(emb, index, len(tasks), rt.cfg, client.id, "fltac")
         centroids = np.stack([emb[index == k].mean(axis=0) for k in range(len(tasks))])
         return {"centroids": centroids.astype(np.float32)}
 
@@ -97,8 +103,11 @@ class FLTAC(Method):
         for c in sorted(uploads):
             centroids = np.asarray(uploads[c]["centroids"], dtype=np.float64)
             self.n_adapters[c] = len(centroids)
+            empty = uploads[c].get("empty", np.zeros(len(centroids), dtype=bool))
             for k, vec in enumerate(centroids):
                 self.data_centroids[(c, k)] = vec
+                if empty[k]:  # privacy.centroids: a noisy count below the floor; no routing centroid
+                    self.no_centroid.add((c, k))
                 self.adapters[(c, k)] = self.fed.init_adapter  # every task adapter starts from v0
 
     def plan(self, round_idx: int, clients: list[str]) -> list[Job]:
@@ -122,9 +131,14 @@ class FLTAC(Method):
             self.adapters[i] = means[int(g)]
         groups = sorted(means)
         self.cluster_adapters = [means[g] for g in groups]
-        self.router_centroids = np.stack([np.mean([self.data_centroids[i] for i, lab in zip(ids, labels) if lab == g],
-                                                  axis=0) for g in groups])
+        self.router_centroids = np.stack([self.router_centroid([i for i, lab in zip(ids, labels) if lab == g])
+                                          for g in groups])
         self.history.append({"round": round_idx, "ids": ids, "labels": [int(g) for g in labels]})
+
+    def router_centroid(self, members: list[tuple[str, int]]) -> np.ndarray:
+        """The mean of the members' data centroids, those reported empty left out (unless all are)."""
+        full = [i for i in members if i not in self.no_centroid] or members
+        return np.mean([self.data_centroids[i] for i in full], axis=0)
 
     def server_adapters(self) -> dict[str, AdapterWeights]:
         return {f"cluster/{g}": w for g, w in enumerate(self.cluster_adapters)}
@@ -146,7 +160,7 @@ class FLTAC(Method):
         if rest:
             if "centroids" not in sent.arrays:
                 raise TaskfedError("fltac: the router needs at least one round of clustering.")
-            emb = rt.embed([records[i].instruction for i in rest]).double().numpy()
+            emb = privacy.clip_embeddings(rt.embed([records[i].instruction for i in rest]).double().numpy(), privacy.of(rt))
             for i, g in zip(rest, nearest(emb, sent.arrays["centroids"])):
                 slots[i] = names.index(f"cluster/{int(g)}")
         return RowMix.one_hot(slots)

@@ -22,7 +22,6 @@ same rule (lowest loss on a seeded batch of its training rows), on its side.
 from __future__ import annotations
 
 import zlib
-from collections import defaultdict
 from typing import Any
 
 import numpy as np
@@ -73,11 +72,11 @@ class IFCA(Method):
     def aggregate(self, round_idx: int, results) -> None:
         # Streaming, in plan order (sorted by client): each upload joins the running mean of the cluster
         # it picked.
-        means: dict[int, RunningMean] = defaultdict(RunningMean)
+        means: dict[int, RunningMean] = {}
         picks: dict[str, int] = {}
         for r in results:
-            picks[r.job.client] = int(r.chosen)
-            means[int(r.chosen)].add(r.weights, r.n_client)
+            g = picks[r.job.client] = int(r.chosen)
+            means.setdefault(g, RunningMean(f"cluster/{g}")).add(r.weights, r.n_client)
         for g, mean in means.items():  # a cluster nobody picked keeps its weights
             self.clusters[g] = mean.mean()
         self.membership.update(picks)
