@@ -117,12 +117,24 @@ def _pip_download(tmp: Path) -> subprocess.CompletedProcess:
             seen = 0.0
             while proc.poll() is None:
                 time.sleep(0.5)
-                size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) / 1e6
+                size = _bytes_under(tmp / "pip") / 1e6  # the partial download (the copy into tmp comes after)
                 progress.advance(max(0.0, min(size, ARCHIVE_MB) - seen))
                 seen = max(seen, min(size, ARCHIVE_MB))
         out.seek(0)
         err.seek(0)
         return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+
+
+def _bytes_under(folder: Path) -> int:
+    """Bytes of the files under `folder` right now; pip creates and deletes its temporary files meanwhile."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:  # gone between the listing and the stat
+                pass
+    return total
 
 
 def _task_path(cache_dir: Path, name: str) -> Path:
