@@ -36,14 +36,6 @@ def fingerprint(weights: AdapterWeights) -> str:
     return h.hexdigest()[:16]
 
 
-def tasks_for(mode: str, client: Client, seen: list[str], unseen: list[str]) -> list[str]:
-    if mode == "local":
-        return client.tasks
-    if mode == "global":
-        return list(seen)
-    return list(unseen)
-
-
 @dataclass
 class ClientEval:
     """One client's evaluation in one mode, as the server receives it from any engine (never the texts)."""
