@@ -154,7 +154,7 @@ def test_user_text_is_printed_verbatim_and_set_errors_name_set(tmp_path, monkeyp
 
 
 def test_a_bug_is_one_line_with_type_and_place_never_locals(tmp_path, monkeypatch):
-    def buggy(cfg, out, log):
+    def buggy(cfg, out, log, resume=False):
         secret_rows = ["client 3's private row"]  # noqa: F841  (a local a pretty traceback would print)
         return {}["eval"]
 
@@ -165,7 +165,7 @@ def test_a_bug_is_one_line_with_type_and_place_never_locals(tmp_path, monkeypatc
     assert "private row" not in result.output
 
 
-def test_sigterm_during_a_run_removes_its_temporary_folder(tmp_path):
+def test_sigterm_during_a_run_keeps_the_last_checkpoint_and_says_how_to_resume(tmp_path):
     train, test = write_two_task_data(tmp_path / "data", n_train=40, n_test=10)
     out = tmp_path / "runs" / "r"
     args = [sys.executable, "-m", "taskfed.cli", "run", str(ROOT / "configs" / "fedavg.toml"), "--out", str(out),
@@ -175,17 +175,23 @@ def test_sigterm_during_a_run_removes_its_temporary_folder(tmp_path):
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 90
-        while not list(out.parent.glob(".r.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        partial = out.parent / "r.partial"
+        while not list(partial.glob("ckpt-*")) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert list(out.parent.glob(".r.tmp-*")), "the run never started"
+        assert list(partial.glob("ckpt-*")), "the run never checkpointed"
         time.sleep(0.5)  # well inside the rounds
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 143, err
-    assert "error: interrupted (SIGTERM)" in err and "Traceback" not in err
+    assert "error: interrupted (SIGTERM)" in err and "Traceback" not in err and "--resume" in err
     assert not out.exists() and not list(out.parent.glob(".r.tmp-*"))
+    # What is left is complete checkpoints only (a half-written one never survives as one).
+    kept = sorted(p.name for p in partial.iterdir())
+    assert kept and all(name.startswith("ckpt-") for name in kept) and len(kept) <= 2, kept
+    for name in kept:
+        assert (partial / name / "manifest.json").exists()
 
 
 # ----------------------------------------------------------------------------- 4. data files

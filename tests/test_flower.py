@@ -248,9 +248,9 @@ def test_simulation_equals_in_process(simulated, method):
     assert sorted(p.name for p in (root / method).iterdir()) == ["adapters", "config.toml", "metrics.json", "report.md"]
     assert all("dropped" not in r for r in metrics[method]["rounds"])
     assert all(r["node_load_seconds"] < 1.0 for r in metrics[method]["rounds"])  # runtime cached per worker
-    stores = (root / "cache" / "flower" / "state").glob("run-*/*/store.json")
+    stores = (root / "cache" / "flower" / "state").glob(f"run-*/*/step-{len(metrics[method]['rounds'])}/store.json")
     if method == "fedrouter":  # FedRouter's client state stayed on the nodes' disks
-        held = sorted(p.parent.name for p in stores if "fedrouter_labels" in p.read_text())
+        held = sorted(p.parent.parent.name for p in stores if "fedrouter_labels" in p.read_text())
         assert held == ["0", "1", "2"]
     if method == "feddpa-f":  # the local adapters too: on the nodes, equal to the in-process clients'
         for cid, client in ex.clients.items():

@@ -45,8 +45,10 @@ def run(
     out: Path = typer.Option(..., "--out", help="Run folder to create."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key: key=value (repeatable)."),
     smoke: bool = typer.Option(False, "--smoke", help="Same config on the tiny model with a minimal budget."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint "
+                                                        "(OUT.partial/), to the same result."),
 ) -> None:
-    """Run one experiment and write its run folder."""
+    """Run one experiment and write its run folder (checkpointed after every round into OUT.partial/)."""
     from taskfed.config import load_config, smoke as smoke_config
     from taskfed.runfolder import check_out
 
@@ -54,10 +56,10 @@ def run(
         cfg = load_config(config, set_ or [])
         if smoke:
             cfg = smoke_config(cfg)
-        check_out(out)
+        check_out(out, resume)
         from taskfed.run import run_experiment  # torch and the methods: only once the config is valid
 
-        metrics = run_experiment(cfg, out, log=_log)
+        metrics = run_experiment(cfg, out, log=_log, resume=resume)
     scores = ", ".join(f"{m} {e['score']:.4f}" for m, e in metrics["eval"].items() if e["score"] is not None)
     say("done", "green", f"{metrics['method']}: {scores}; run folder {out}")
 

@@ -83,6 +83,10 @@ class TrainConfig(_Strict):
     # Packing pays on a GPU (fills it); on a CPU a step is compute-bound and activation memory grows with
     # the rows of a forward pass (64 x 256 tokens of SmolLM2 take about 20 GB), so keep it small there.
     max_rows_per_batch: int = Field(default=16, ge=1, le=65_536, description="rows per forward pass when packing")
+    # A round in which fewer clients' uploads arrive (nodes died or timed out) never counts: it is retried
+    # from the last checkpoint `round_retries` times, then the run stops with the checkpoint kept.
+    min_replies: int = Field(default=1, ge=1, le=1_000_000, description="clients whose uploads a round needs")
+    round_retries: int = Field(default=1, ge=0, le=100, description="retries of a round short of min_replies")
 
 
 class EvalConfig(_Strict):

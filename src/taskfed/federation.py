@@ -8,6 +8,9 @@
                 per-client evaluations -> the mode's metrics (`mode_metrics`, the method's extras)
     run folder  resolved config, metrics.json, the server's adapters, the clients' (where the engine keeps
                 them), report.md: written under a temporary name, renamed into place when complete
+    checkpoints after setup, every round and every evaluation mode, in RUN_DIR.partial/ (checkpoint.py):
+                the driver's bookkeeping, the method's server state, the clients' stores where the engine
+                keeps them; `run(out, resume=True)` continues from the newest good one, to the same result
 
 `taskfed run` (InProcessEngine) and the Flower ServerApp (FlowerEngine) both run this; the round loop exists
 here only. The server side never sees a client object: what it knows of a client came through the engine.
@@ -16,6 +19,7 @@ here only. The server side never sees a client object: what it knows of a client
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +28,8 @@ import numpy as np
 import tomli_w
 import torch
 
-from taskfed import privacy, progress
+from taskfed import faults, privacy, progress
+from taskfed.checkpoint import Checkpoint, Checkpoints
 from taskfed.config import RunConfig
 from taskfed.engine import Engine, RoundStats
 from taskfed.errors import TaskfedError
@@ -33,7 +38,7 @@ from taskfed.methods import build_method
 from taskfed.methods.base import Federation, Method
 from taskfed.model.peft_io import save_adapter
 from taskfed.population import sample_clients
-from taskfed.runfolder import discard, finish_out, plain, prepare_out
+from taskfed.runfolder import check_out, discard, finish_out, plain, prepare_out
 
 
 def tasks_for(mode: str, own: list[str], seen: list[str], unseen: list[str]) -> list[str]:
@@ -59,12 +64,19 @@ class Driver:
         self.left_out: dict[str, str] = {}  # clients whose setup failed or was refused, and why
         self.released: list[str] = []  # clients whose private centroids the server received
         self.rates: list[float] = []  # privacy.updates: the sampling rate of each round that uploaded
+        self.rounds: list[dict] = []  # the records of the rounds done
+        self.setup_bytes: int | None = None  # None: setup not done yet
+        self.evaluation: dict[str, dict] = {}  # the modes evaluated so far
+        self.ckpts: Checkpoints | None = None
+        self.checkpoint_seconds = 0.0  # time spent writing checkpoints (benchmarks/checkpoint_cost.py)
+        self.short: tuple[int, int] | None = None  # the last round's (clients that uploaded, min_replies) if short
 
     def build(self, clients: list[str]) -> None:
         """The federation's public facts and the method's server side, for these clients."""
         cfg = self.cfg
+        run = self.fed.run if hasattr(self, "fed") else os.urandom(8).hex()  # one id for the run, kept on resume
         self.fed = Federation(clients=clients, rounds=cfg.train.rounds, seed=cfg.seed, init_adapter=self.init_adapter,
-                              tasks=list(self.roster.seen), lr_max=cfg.train.lr_max, lr_min=cfg.train.lr_min)
+                              tasks=list(self.roster.seen), lr_max=cfg.train.lr_max, lr_min=cfg.train.lr_min, run=run)
         self.method: Method = build_method(cfg.method, self.fed)
 
     # ----------------------------------------------------------------- training
@@ -99,7 +111,7 @@ class Driver:
         selected = sample_clients(self.fed.clients, self.cfg.scenario.clients_per_round, self.cfg.seed, r)
         jobs = self.method.plan(r, selected)
         total = self.method.n_rounds(self.cfg.train.rounds)
-        uploaded = [0]
+        uploaded, senders = [0], set()
         with progress.task(f"round {r + 1}/{total}", total=len(jobs), unit="jobs"):
             results, stats = self.engine.stream(r, jobs)
 
@@ -107,19 +119,23 @@ class Driver:
                 for x in results:
                     if x.weights is not None:
                         uploaded[0] += 1
+                        senders.add(x.job.client)
                         yield x
 
             # The server receives uploads only (a job that keeps its adapter on the client sends nothing),
             # one at a time as they arrive: a streaming aggregation never holds the whole round. Under
             # privacy.updates the aggregation's means are noised (privacy.aggregation).
             with privacy.aggregation(self.cfg, r):
-                self.method.aggregate(r, uploads())
+                self.method.aggregate(r, _faulted(uploads(), f"round-{r + 1}.aggregate"))
             for _ in uploads():  # what the aggregation did not pull (e.g. Local's client-kept jobs) still runs
                 pass
         if uploaded[0]:  # the accountant's round: every client trained (q = 1) or a sample of them
             everyone = {j.client for j in jobs if j.upload} - set(selected)
             s = self.cfg.scenario
             self.rates.append(1.0 if everyone or s.clients_per_round is None else s.clients_per_round / s.n_clients)
+        planned = {j.client for j in jobs if j.upload}
+        self.short = (len(senders), min(self.cfg.train.min_replies, len(planned))) if len(senders) < min(
+            self.cfg.train.min_replies, len(planned)) else None
         record = round_record(r, stats, time.perf_counter() - start)
         record.update(self.method.round_report(r))
         for who, why in stats.dropped.items():
@@ -127,19 +143,41 @@ class Driver:
         return record
 
     def train(self) -> tuple[list[dict], int]:
-        setup_bytes = self.setup()
-        rounds = []
+        """Setup and every round not done yet (a resumed run starts after its checkpoint's)."""
+        if self.setup_bytes is None:
+            self.setup_bytes = self.setup()
+            faults.hit("setup.done")
+            self.checkpoint(0, "setup")
         total = self.method.n_rounds(self.cfg.train.rounds)
-        for r in range(total):
-            rounds.append(self.round(r))
-            self.log(f"round {r + 1}/{total}: loss {rounds[-1]['train_loss']:.4f}, {rounds[-1]['seconds']:.1f}s")
-        return rounds, setup_bytes
+        r, retries = len(self.rounds), 0
+        while r < total:
+            record = self.round(r)
+            if self.short:  # too few clients answered: the round never counts
+                got, need = self.short
+                why = f"round {r + 1}: uploads of {got} clients arrived, train.min_replies needs {need}"
+                if retries < self.cfg.train.round_retries and self.ckpts is not None and self.ckpts.steps():
+                    retries += 1
+                    self.log(f"{why}; retrying it from the last checkpoint ({retries}/{self.cfg.train.round_retries})")
+                    self.restore(self.ckpts.latest(self.log))
+                    r = len(self.rounds)
+                    continue
+                raise TaskfedError(f"{why}; stopped" + (" (the last checkpoint is kept: bring the clients back and "
+                                                        "rerun with --resume)." if self.ckpts is not None else "."))
+            retries = 0
+            self.rounds.append(record)
+            self.log(f"round {r + 1}/{total}: loss {self.rounds[-1]['train_loss']:.4f}, {self.rounds[-1]['seconds']:.1f}s")
+            self.checkpoint(r + 1, f"round {r + 1} of {total}")
+            r += 1
+        return self.rounds, self.setup_bytes
 
     # ----------------------------------------------------------------- evaluation
     def evaluate(self) -> dict:
-        out = {}
+        out = self.evaluation
         seen, unseen = self.roster.seen, self.roster.unseen
-        for mode in self.cfg.eval.modes:
+        total = self.method.n_rounds(self.cfg.train.rounds)
+        for i, mode in enumerate(self.cfg.eval.modes):
+            if mode in out:  # evaluated before the run was interrupted
+                continue
             if mode == "unseen" and not unseen:
                 self.log("eval mode 'unseen' skipped: no data.unseen_tasks")
                 continue
@@ -147,6 +185,7 @@ class Driver:
             asks = {cid: tasks_for(mode, info.tasks, seen, unseen) for cid, info in self.roster.clients.items()}
             with progress.task(f"eval {mode}", total=len(asks), unit="clients"):
                 evals, dropped = self.engine.evaluate(mode, asks, self.method.downlink)
+            faults.hit(f"eval.{mode}")
             # A client's report is checked by the method before its bookkeeping uses it (it may come from a node).
             for cid in sorted(evals):
                 why = self.method.check_report(evals[cid].routed)
@@ -161,6 +200,7 @@ class Driver:
             out[mode]["seconds"] = time.perf_counter() - start
             score = out[mode]["score"]
             self.log(f"eval {mode}: score {'-' if score is None else f'{score:.4f}'}")
+            self.checkpoint(total + 1 + i, f"evaluation {mode}")
         return out
 
     # ----------------------------------------------------------------- the run
@@ -175,21 +215,82 @@ class Driver:
                if privacy.centroids_on(self.cfg) or privacy.updates_on(self.cfg) else {}),
         }
 
-    def run(self, out_dir: str | Path | None = None) -> dict:
+    def run(self, out_dir: str | Path | None = None, resume: bool = False) -> dict:
+        """Trains, evaluates and writes the run folder `out_dir`, checkpointing into `out_dir`.partial/ on the
+        way; `resume` continues from its newest good checkpoint (or starts when there is none)."""
         out_dir = Path(out_dir) if out_dir is not None else None
-        tmp = prepare_out(out_dir) if out_dir is not None else None
+        tmp = None
         try:
+            if out_dir is not None:
+                check_out(out_dir, resume)  # before any training: the run folder must be creatable at the end
+                self.open_checkpoints(out_dir, resume)
             rounds, setup_bytes = self.train()
             metrics = self.metrics(rounds, setup_bytes, self.evaluate())
-            if tmp is not None:
+            if out_dir is not None:
+                tmp = prepare_out(out_dir)
                 self.write(tmp, metrics)
+                faults.hit("final.before_rename")
                 finish_out(tmp, out_dir)
+                self.ckpts.remove()  # the run folder is whole: the checkpoints have done their job
             return metrics
         except BaseException:
             discard(tmp)
+            if self.ckpts is not None:
+                if self.ckpts.steps():  # possibly days of work: kept, never deleted silently
+                    self.log(f"stopped; the last checkpoint is kept in {self.ckpts.folder}: rerun the same command "
+                             f"with --resume to continue from it")
+                else:
+                    self.ckpts.remove()
             raise
         finally:
             self.engine.close()
+
+    # ----------------------------------------------------------------- checkpoints
+    def open_checkpoints(self, out_dir: Path, resume: bool) -> None:
+        ckpts = Checkpoints(out_dir, json.loads(self.cfg.model_dump_json()))
+        if ckpts.exists() and not resume:
+            raise TaskfedError(f"{ckpts.folder}: holds an interrupted run; continue it with --resume, or remove "
+                               f"the folder to start over.")
+        found = ckpts.latest(self.log) if resume else None
+        if resume and found is None:
+            self.log(f"resume: no checkpoint in {ckpts.folder}; starting from the beginning")
+        self.ckpts = ckpts
+        if found is not None:
+            self.restore(found)
+
+    def checkpoint(self, step: int, label: str) -> None:
+        if self.ckpts is None:
+            return
+        driver = {"step": step, "run": self.fed.run, "rounds": self.rounds, "setup_bytes": self.setup_bytes,
+                  "setup_seconds": self.setup_seconds, "left_out": self.left_out, "released": self.released,
+                  "rates": self.rates, "evaluation": self.evaluation, "torch_rng": torch.get_rng_state(),
+                  "clients": {c: [i.n_train, list(i.tasks)] for c, i in self.roster.clients.items()}}
+        parts = {"driver": driver, "server": self.method.state_dict()}
+        for cid, store in (self.engine.client_state() or {}).items():  # one part per client
+            parts[f"client.{cid}"] = store
+        tic = time.perf_counter()
+        self.ckpts.write(step, label, parts)
+        self.checkpoint_seconds += time.perf_counter() - tic
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """The run as it was at `ckpt`: membership, the method's server state, the clients' stores (or, on
+        an engine whose clients keep their own, the step they must hold), the bookkeeping, the RNG."""
+        d = ckpt.part("driver")
+        missing = sorted(set(d["clients"]) - set(self.roster.clients))
+        if missing:
+            raise TaskfedError(f"{ckpt.folder}: client {missing[0]} of the interrupted run is not connected; "
+                               f"resume with the same clients.")
+        self.roster.clients = {c: self.roster.clients[c] for c in sorted(d["clients"])}
+        self.fed.run = d["run"]
+        self.build(sorted(d["clients"]))
+        self.method.load_state_dict(ckpt.part("server"))
+        self.engine.attach(self.fed)
+        stores = {c: ckpt.part(f"client.{c}") for c in self.fed.clients if (ckpt.folder / f"client.{c}.json").exists()}
+        self.engine.restore_clients(stores or None, ckpt.folder)
+        self.rounds, self.setup_bytes, self.setup_seconds = d["rounds"], d["setup_bytes"], d["setup_seconds"]
+        self.left_out, self.released, self.rates, self.evaluation = d["left_out"], d["released"], d["rates"], d["evaluation"]
+        torch.set_rng_state(d["torch_rng"])
+        self.log(f"resumed from {ckpt.folder} ({ckpt.label})")
 
     def write(self, folder: Path, metrics: dict) -> None:
         """The run folder: config.toml (the resolved config, runnable as it is), metrics.json, the server's
@@ -204,6 +305,14 @@ class Driver:
             save_adapter(weights, folder / "adapters" / "server" / name.replace("/", "_"), **lora)
         self.engine.save_client_adapters(folder, lora)
         (folder / "report.md").write_text(run_report(metrics))
+
+
+def _faulted(results, point: str):
+    """The uploads as the aggregation folds them in, with the crash tests' mid-aggregation point (after the
+    first upload is folded in, while later ones still train)."""
+    for x in results:
+        yield x
+        faults.hit(point)
 
 
 def round_record(r: int, stats: RoundStats, seconds: float) -> dict[str, Any]:

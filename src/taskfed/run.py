@@ -34,5 +34,6 @@ class Experiment(Driver):
 
 
 def run_experiment(cfg: RunConfig, out_dir: str | Path | None = None, rt: Runtime | None = None,
-                   log: Callable[[str], None] = lambda s: None, gen_cache: dict | None = None) -> dict:
-    return Experiment(cfg, rt=rt, log=log, gen_cache=gen_cache).run(out_dir)
+                   log: Callable[[str], None] = lambda s: None, gen_cache: dict | None = None,
+                   resume: bool = False) -> dict:
+    return Experiment(cfg, rt=rt, log=log, gen_cache=gen_cache).run(out_dir, resume=resume)

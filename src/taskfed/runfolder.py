@@ -24,13 +24,18 @@ def plain(obj: Any) -> Any:
 _CREATED: dict[Path, list[Path]] = {}
 
 
-def check_out(out_dir: Path) -> None:
+def check_out(out_dir: Path, resume: bool | None = None) -> None:
     """Refuse an --out that cannot become a run folder, before anything is trained: an existing file (or
     /dev/null), a symbolic link (its target would be replaced by a rename), `.` or `..`, a non-empty folder,
-    or a parent that is not a folder."""
+    or a parent that is not a folder; and, with `resume` False, one whose interrupted run's checkpoints
+    (RUN_DIR.partial) are there (None: not asked, a library caller's driver checks)."""
     out_dir = Path(out_dir)
     if out_dir.name in ("", ".", "..") or out_dir.absolute() == Path.cwd():
         raise TaskfedError(f"--out {out_dir}: names the current or a parent folder; give the name of a new folder.")
+    partial = out_dir.with_name(f"{out_dir.name}.partial")
+    if resume is False and partial.exists():
+        raise TaskfedError(f"{partial}: holds an interrupted run; continue it with --resume, or remove the "
+                           f"folder to start over.")
     if out_dir.is_symlink():
         raise TaskfedError(f"--out {out_dir}: is a symbolic link; give a real folder (the link's target would be "
                            f"replaced).")
@@ -38,7 +43,8 @@ def check_out(out_dir: Path) -> None:
         if not out_dir.is_dir():
             raise TaskfedError(f"--out {out_dir}: exists and is not a folder.")
         if any(out_dir.iterdir()):
-            raise TaskfedError(f"{out_dir}: run folder already exists and is not empty.")
+            done = " (a complete run: nothing to resume)" if resume and (out_dir / "metrics.json").exists() else ""
+            raise TaskfedError(f"{out_dir}: run folder already exists and is not empty{done}.")
     for parent in out_dir.absolute().parents:
         if parent.exists() or parent.is_symlink():
             if not parent.is_dir():

@@ -13,6 +13,9 @@ server side what crosses the line, counted in bytes:
     evaluate(mode, asks, downlink)-> per client a ClientEval (scores per task, the routing it used), and
                                      why each client that gave none usable is out
     save_client_adapters(folder)  -> the client-owned adapters, where the engine keeps them
+    client_state()                -> the clients' stores for the driver's checkpoint, or None where the
+                                     clients keep their own (a Flower node commits its store per round)
+    restore_clients(state, where) -> the clients as at a checkpoint
     close()
 
 `InProcessEngine` (engine/inprocess.py) holds every client in this process; `FlowerEngine`
@@ -71,5 +74,9 @@ class Engine(Protocol):
     def evaluate(self, mode: str, asks: dict[str, list[str]], downlink: Callable[[str], Downlink]) -> tuple[dict, dict[str, str]]: ...
 
     def save_client_adapters(self, folder, lora: dict) -> None: ...
+
+    def client_state(self) -> dict | None: ...
+
+    def restore_clients(self, state: dict | None, where) -> None: ...
 
     def close(self) -> None: ...

@@ -82,6 +82,20 @@ class InProcessEngine:
     def close(self) -> None:
         pass
 
+    # ----------------------------------------------------------------- checkpoints
+    def client_state(self) -> dict:
+        """Every client's store, for the driver's checkpoint (the clients live here, so their state does)."""
+        return {cid: dict(c.store) for cid, c in sorted(self.clients.items())}
+
+    def restore_clients(self, state: dict | None, where) -> None:
+        missing = sorted(set(self.client_side.fed.clients) - set(state or {}))
+        if missing:
+            raise TaskfedError(f"{where}: holds no state of client {missing[0]} (client.{missing[0]}.json); the "
+                               f"checkpoint is incomplete: remove it to resume from the one before, or start over.")
+        for cid, store in state.items():
+            if cid in self.clients:
+                self.clients[cid].store = dict(store)
+
     # ----------------------------------------------------------------- client side of a job
     def _spec(self, job: Job, round_idx: int) -> tuple[TrainSpec, int, int | None]:
         client = self.clients[job.client]

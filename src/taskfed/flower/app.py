@@ -35,7 +35,8 @@ def config_from_run_config(run_config: dict):
     if run_config.get("smoke", False):
         cfg = smoke(cfg)
     return cfg, Options(out_dir=Path(str(run_config["out"])) if run_config.get("out") else None,
-                        round_timeout=float(run_config.get("round-timeout", 3600.0)))
+                        round_timeout=float(run_config.get("round-timeout", 3600.0)),
+                        resume=bool(run_config.get("resume", False)))
 
 
 def make_server_app(cfg=None, opts=None) -> ServerApp:

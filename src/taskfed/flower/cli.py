@@ -24,17 +24,18 @@ app = typer.Typer(help="Run taskfed methods on Flower (docs/flower.md).", no_arg
 def simulate(config: Path, out: Path = typer.Option(..., help="run folder to write"),
              set_: Optional[list[str]] = typer.Option(None, "--set", help="key=value overrides"),
              smoke_run: bool = typer.Option(False, "--smoke", help="tiny model, minimal budget"),
-             workers: Optional[int] = typer.Option(None, help="Ray workers (default: CPUs, at most one per client)")):
+             workers: Optional[int] = typer.Option(None, help="Ray workers (default: CPUs, at most one per client)"),
+             resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from OUT.partial/")):
     """Run CONFIG on Flower's Simulation Engine, one SuperNode per client."""
     from taskfed.config import load_config, smoke
     from taskfed.runfolder import check_out
 
     with guarded(sigterm=True):
         cfg = load_config(config, set_ or [])
-        check_out(out)
+        check_out(out, resume)
         from taskfed.flower.simulation import simulate as run  # flwr, torch: only once the config is valid
 
-        metrics = run(smoke(cfg) if smoke_run else cfg, out, workers=workers)
+        metrics = run(smoke(cfg) if smoke_run else cfg, out, workers=workers, resume=resume)
     last = metrics["rounds"][-1]
     scores = "".join(f", {m} {e['score']:.4f}" for m, e in metrics["eval"].items() if e["score"] is not None)
     typer.echo(f"{len(metrics['rounds'])} rounds on Flower, last loss {last['train_loss']:.4f}{scores}; run folder {out}")

@@ -273,16 +273,19 @@ def check_results(record: Any, jobs: list[Job], where: str, n_train: int | None 
 # ----------------------------------------------------------------------------- the federation's facts
 def encode_fed(fed: Federation) -> ConfigRecord:
     """The public facts the method's client side is built from (the rest comes from the config)."""
-    return ConfigRecord({"clients": list(fed.clients), "tasks": list(fed.tasks)})
+    return ConfigRecord({"clients": list(fed.clients), "tasks": list(fed.tasks), "run": fed.run})
 
 
 def decode_fed(record: Any, cfg: RunConfig, init_adapter: AdapterWeights) -> Federation:
     if not isinstance(record, ConfigRecord) or not all(
             isinstance(record.get(k), list) and all(isinstance(x, str) for x in record[k]) for k in ("clients", "tasks")):
         raise TaskfedError("flower message: the federation's facts are missing or malformed.")
+    run = record.get("run", "")
+    if not isinstance(run, str) or not all(ch in "0123456789abcdef" for ch in run) or len(run) > 64:
+        raise TaskfedError("flower message: the run id is not a hexadecimal string.")  # it names a folder
     return Federation(clients=list(record["clients"]), rounds=cfg.train.rounds, seed=cfg.seed,
                       init_adapter=init_adapter, tasks=list(record["tasks"]), lr_max=cfg.train.lr_max,
-                      lr_min=cfg.train.lr_min)
+                      lr_min=cfg.train.lr_min, run=run)
 
 
 # ----------------------------------------------------------------------------- evaluation (both ways)

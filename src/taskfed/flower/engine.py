@@ -48,6 +48,7 @@ class Options:
     out_dir: Path | None = None
     round_timeout: float = 3600.0  # seconds a round (or an evaluation) waits for replies before dropping nodes
     connect_timeout: float = 300.0  # seconds to wait for scenario.n_clients nodes to connect
+    resume: bool = False  # continue the run in out_dir.partial/ from its last checkpoint
 
 
 class FlowerEngine:
@@ -88,13 +89,15 @@ class FlowerEngine:
                     return
                 time.sleep(POLL_SECONDS)
 
-    def _exchange(self, messages: dict[Any, Message], what: str) -> tuple[dict[Any, Message], dict[Any, str]]:
+    def _exchange(self, messages: dict[Any, Message], what: str,
+                  timeout: float | None = None) -> tuple[dict[Any, Message], dict[Any, str]]:
         """Replies by key, and why each key that gave none usable is out."""
         replies, failed = {}, {}
-        for key, reply in self._pull(self._push(messages), time.monotonic() + self.opts.round_timeout):
+        timeout = self.opts.round_timeout if timeout is None else timeout
+        for key, reply in self._pull(self._push(messages), time.monotonic() + timeout):
             progress.advance()  # one node answered (or timed out)
             if reply is None:
-                failed[key] = f"no {what} reply within {self.opts.round_timeout:g} s"
+                failed[key] = f"no {what} reply within {timeout:g} s"
             elif reply.has_error():
                 failed[key] = f"{what} failed on the node ({reply.error.reason})"
             else:
@@ -181,12 +184,40 @@ class FlowerEngine:
         for _ in self._pull(self._push(msgs), time.monotonic() + 10.0):
             pass
 
+    def client_state(self) -> None:
+        """The clients' stores stay on the nodes: each commits its own per step (node.py) under the run's id,
+        which the driver's checkpoint keeps, so a resumed server finds them."""
+        return None
+
+    def restore_clients(self, state: None, where) -> None:
+        """Nothing to send: each node loads the step a message starts from, or refuses when it lacks it."""
+
     def save_client_adapters(self, folder: Path, lora: dict) -> None:
         """Client-owned adapters stay on the nodes (each writes its own beside its store after the last
         round, in the run folder's layout): nothing of them reaches the server."""
 
     # ----------------------------------------------------------------- a round
+    def rejoin(self) -> None:
+        """A client whose node is gone (killed, restarted) and has come back as a new node takes that node
+        for its messages from now on; it reloads its state from its own disk (node.py). Only a client whose
+        old node has left the grid is taken over: a live node is never displaced."""
+        live = set(self.grid.get_node_ids())
+        new = sorted(live - set(self.node_of.values()))
+        if not new:
+            return
+        msgs = {n: self._message(n, "train.hello", RecordDict({"config": encode_config(self.cfg)})) for n in new}
+        replies, _ = self._exchange(msgs, "hello", timeout=min(self.opts.round_timeout, 60.0))
+        for node_id, reply in sorted(replies.items()):
+            try:
+                cid = reply.content.config_records["hello"]["client"]
+            except KeyError:
+                continue
+            if isinstance(cid, str) and cid in self.node_of and self.node_of[cid] not in live:
+                LOG.warning("client %s rejoined as node %s (was node %s)", cid, node_id, self.node_of[cid])
+                self.node_of[cid] = node_id
+
     def stream(self, round_idx: int, jobs: list[Job]) -> tuple[Iterator[Result], RoundStats]:
+        self.rejoin()
         stats = RoundStats(extra={"node_load_seconds": 0.0, "node_train_seconds": 0.0})
         by_client: dict[str, list[int]] = defaultdict(list)
         for i, job in enumerate(jobs):

@@ -25,6 +25,7 @@ ClientApp (one process per message) and the long-lived worker (flower/worker.py)
 from __future__ import annotations
 
 import hashlib
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,22 +41,49 @@ from taskfed.flower.basecache import cached_base
 from taskfed.flower.codec import (decode_config, decode_eval_request, decode_fed, decode_jobs, encode_adapter,
                                   encode_arrays, encode_eval_reply)
 from taskfed.flower.store import load_store, save_store
-from taskfed.methods.base import Client
+from taskfed.methods.base import Client, Federation
 from taskfed.model.loading import cache_dir
 from taskfed.population import Population, cap_per_task, client_ids, population, test_sets
 from taskfed.runtime import Runtime
+
+
+KEEP_STEPS = 3  # the server resumes at most two steps behind a node (its newest checkpoint may be damaged)
 
 
 @dataclass
 class Node:
     pop: Population  # this node's client only, with the run's tasks and the test rows
     client_id: str
-    state_dir: Path
+    root: Path  # the state dir: the client's state per run under it
+    flower_run: str  # the Flower run and config digest, for runs whose server sends no run id
     scratch: dict[str, Any] = field(default_factory=dict)  # the client's recomputable caches (never saved)
 
     @property
     def client(self) -> Client:
         return self.pop.clients[self.client_id]
+
+    def state_dir(self, fed: Federation) -> Path:
+        """Keyed by the taskfed run's id (kept across a server's resume, unlike Flower's run id)."""
+        return self.root / (f"run-{fed.run}" if fed.run else self.flower_run) / self.client_id
+
+    def load_step(self, fed: Federation, step: int, what: str) -> dict[str, Any]:
+        """The client's store as committed at `step` (0: after setup, r: after round r - 1)."""
+        folder = self.state_dir(fed) / f"step-{step}"
+        if not (folder / "store.json").exists():
+            held = sorted(int(p.name[5:]) for p in self.state_dir(fed).glob("step-*") if p.name[5:].isdigit())
+            raise TaskfedError(f"client {self.client_id}: the server asks for {what}, which needs the client state "
+                               f"committed at step {step}, but {self.state_dir(fed)} holds steps {held or 'none'}: "
+                               f"the server and this node disagree; resume the server from a checkpoint this node "
+                               f"has, or give the node its state dir back.")
+        return load_store(folder)
+
+    def commit_step(self, fed: Federation, step: int, store: dict[str, Any]) -> None:
+        """The store of `step`, on disk before the reply leaves: a step counts as done here only then."""
+        save_store(store, self.state_dir(fed) / f"step-{step}")
+        steps = sorted((int(p.name[5:]), p) for p in self.state_dir(fed).glob("step-*") if p.name[5:].isdigit())
+        for n, old in steps:
+            if n <= step - KEEP_STEPS or n > step:  # too old, or a later step of an abandoned timeline
+                shutil.rmtree(old, ignore_errors=True)
 
 
 # One runtime per process and config, shared by the nodes a process serves (a Simulation Engine actor
@@ -121,18 +149,35 @@ def node(cfg: RunConfig, node_config: dict[str, Any], run_id: int) -> Node:
         root = Path(str(node_config["state-dir"])) if "state-dir" in node_config else cache_dir() / "flower" / "state"
         # Per Flower run and taskfed config: one Flower run may serve several taskfed runs.
         digest = hashlib.sha256(key[0].encode()).hexdigest()[:10]
-        _NODES[key] = Node(pop, cid, root / f"run-{run_id}-{digest}" / cid)
+        _NODES[key] = Node(pop, cid, root, f"run-{run_id}-{digest}")
     return _NODES[key]
 
 
-def _engine(cfg: RunConfig, rt: Runtime, me: Node, content: RecordDict) -> tuple[InProcessEngine, Client]:
-    """The in-process engine over this node's client, its store read from disk, the method's client side
-    built from the federation's facts in the message."""
-    client = Client(me.client_id, me.client.records, load_store(me.state_dir), me.scratch)
+def _engine(cfg: RunConfig, rt: Runtime, me: Node, content: RecordDict, kind: str) -> tuple[InProcessEngine, Client]:
+    """The in-process engine over this node's client, its store read from disk as committed at the step the
+    message starts from (a round r from step r, an evaluation from the last), the method's client side built
+    from the federation's facts in the message."""
+    fed = decode_fed(content.config_records.get("fed"), cfg, rt.init_adapter())
+    store = {}
+    if kind == "round":
+        head = content.config_records.get("round")
+        round_idx = head.get("round") if head is not None else None
+        if not isinstance(round_idx, int):
+            raise TaskfedError("flower message: a round message without its round index.")
+        store = me.load_step(fed, round_idx, f"round {round_idx + 1}")
+    elif kind == "evaluate":
+        store = me.load_step(fed, build_n_rounds(cfg, fed), "the evaluation")
+    client = Client(me.client_id, me.client.records, store, me.scratch)
     pop = Population({client.id: client}, me.pop.seen, me.pop.unseen, me.pop.test_by_task, me.pop.answers)
     engine = InProcessEngine(rt, pop, cfg)
-    engine.attach(decode_fed(content.config_records.get("fed"), cfg, rt.init_adapter()))
+    engine.attach(fed)
     return engine, client
+
+
+def build_n_rounds(cfg: RunConfig, fed: Federation) -> int:
+    from taskfed.methods import build_method
+
+    return build_method(cfg.method, fed).n_rounds(cfg.train.rounds)
 
 
 # ----------------------------------------------------------------------------- handlers
@@ -144,10 +189,10 @@ def handle(kind: str, content: RecordDict, node_config: dict[str, Any], run_id: 
         info = {"client": me.client_id, "n_train": len(me.client.records), "tasks": me.client.tasks,
                 "seen": list(me.pop.seen), "unseen": list(me.pop.unseen)}
         return RecordDict({"hello": ConfigRecord(info)})
-    engine, client = _engine(cfg, rt, me, content)
+    engine, client = _engine(cfg, rt, me, content, kind)
     if kind == "setup":
         uploads, _, _ = engine.setup(engine.client_side.fed)
-        save_store(client.store, me.state_dir)
+        me.commit_step(engine.client_side.fed, 0, client.store)
         reply = RecordDict({"setup_info": ConfigRecord({"has_setup": client.id in uploads})})
         if client.id in uploads:
             reply["setup"] = encode_arrays(uploads[client.id])
@@ -173,7 +218,7 @@ def _round(cfg: RunConfig, rt: Runtime, me: Node, engine: InProcessEngine, clien
     tic = time.perf_counter()
     results, stats = engine.run(round_idx, jobs)
     train_seconds = time.perf_counter() - tic
-    save_store(client.store, me.state_dir)
+    me.commit_step(engine.client_side.fed, round_idx + 1, client.store)
     if round_idx == engine.client_side.n_rounds(cfg.train.rounds) - 1:
         write_client_adapters(cfg, engine, me)
     index = {id(job): i for i, job in enumerate(jobs)}
@@ -197,4 +242,4 @@ def write_client_adapters(cfg: RunConfig, engine: InProcessEngine, me: Node) -> 
     run folder's layout), after the last round."""
     from taskfed.federation import lora_description
 
-    engine.save_client_adapters(me.state_dir.parent, lora_description(cfg))  # adapters/clients/<id>/...
+    engine.save_client_adapters(me.state_dir(engine.client_side.fed).parent, lora_description(cfg))  # adapters/clients/<id>/...

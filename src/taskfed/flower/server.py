@@ -22,4 +22,4 @@ def serve(grid: Grid, cfg: RunConfig, opts: Options | None = None,
     """Runs `cfg` over the grid's nodes; returns its metrics (and writes the run folder if asked)."""
     opts = opts or Options()
     driver = Driver(cfg, FlowerEngine(grid, cfg, opts), log=log)
-    return driver.run(opts.out_dir)
+    return driver.run(opts.out_dir, resume=opts.resume)

@@ -24,7 +24,7 @@ from taskfed.flower.server import Options, serve
 
 
 def simulate(cfg: RunConfig, out_dir: str | Path | None = None, client_app: ClientApp | None = None,
-             workers: int | None = None, round_timeout: float = 3600.0) -> dict[str, Any]:
+             workers: int | None = None, round_timeout: float = 3600.0, resume: bool = False) -> dict[str, Any]:
     """Runs `cfg` on the Simulation Engine and returns the run's metrics (the run folder too, if asked).
     `workers`: Ray actors training in parallel (default: the CPU count, at most one per client). The actors
     are long-lived processes already: their ClientApps run `node.handle` themselves (no worker)."""
@@ -35,7 +35,8 @@ def simulate(cfg: RunConfig, out_dir: str | Path | None = None, client_app: Clie
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        holder["metrics"] = serve(grid, cfg, Options(out_dir=Path(out_dir) if out_dir else None, round_timeout=round_timeout))
+        holder["metrics"] = serve(grid, cfg, Options(out_dir=Path(out_dir) if out_dir else None, round_timeout=round_timeout,
+                                                    resume=resume))
 
     workers = workers or max(1, min(os.cpu_count() or 1, cfg.scenario.n_clients))
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},

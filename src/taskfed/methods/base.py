@@ -132,6 +132,7 @@ class Federation:
     tasks: list[str]  # the seen tasks (for methods whose server needs their count, e.g. FL-TAC's K)
     lr_max: float = 5e-4  # the schedule's ends, for methods that add rounds past the budget
     lr_min: float = 1e-5
+    run: str = ""  # the run's id (random, kept across a resume): nodes keep the client's state under it
 
 
 @dataclass
@@ -185,6 +186,18 @@ class Method:
     def server_adapters(self) -> dict[str, AdapterWeights]:
         """The adapters the server holds at the end (saved in the run folder)."""
         return {}
+
+    # The server side's whole state is its attributes but the two it is built from (the config's params
+    # and the federation's facts): a checkpoint keeps every adapter, centroid, binding and group that a
+    # later `aggregate` or `downlink` reads, with no method listing them (taskfed/state.py packs the tree).
+    def state_dict(self) -> dict[str, Any]:
+        # (an instance attribute that is a function, e.g. a wrapped hook, is behaviour, not state)
+        return {k: v for k, v in vars(self).items() if k not in ("params", "fed") and not callable(v)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not all(isinstance(k, str) and k.isidentifier() and k not in ("params", "fed") for k in state):
+            raise ValueError("a method's state maps attribute names to values")
+        vars(self).update(state)
 
     def setup_server(self, uploads: dict[str, dict[str, np.ndarray]]) -> None:
         """Receives what setup_client returned, per client (e.g. FedRouter's local centroids)."""

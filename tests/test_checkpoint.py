@@ -1,0 +1,256 @@
+"""Checkpoint and resume: a run killed anywhere (kill -9 at a named point, or by PID from outside) and resumed
+gives the uninterrupted run's metrics.json (apart from timings) and its adapters bit for bit; damaged
+checkpoints fall back or stop with one line; the state codec keeps types, identity and values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from taskfed import faults
+from taskfed.checkpoint import MANIFEST, Checkpoints
+from taskfed.cli import app
+from taskfed.errors import TaskfedError
+from taskfed.state import load_tree, pack, save_tree, unpack
+from tests.conftest import ROOT
+
+ENV = dict(os.environ, PYTHONPATH=str(ROOT / "src"), FLWR_TELEMETRY_ENABLED="0", TOKENIZERS_PARALLELISM="false")
+runner = CliRunner()
+COST = {"generated_tokens"}  # a resumed evaluation starts with an empty generation cache: more tokens generated
+KILL_POINTS = ["checkpoint.after_rename@2", "round-2.aggregate", "eval.global"]  # after round 1, in round 2, in eval
+
+
+def untimed(obj):
+    if isinstance(obj, dict):
+        return {k: untimed(v) for k, v in obj.items() if "seconds" not in k and k not in COST}
+    if isinstance(obj, list):
+        return [untimed(v) for v in obj]
+    return obj
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def config(method: str) -> Path:
+    return ROOT / "configs" / f"{method}.toml"
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    assert untimed(json.loads((a / "metrics.json").read_text())) == untimed(json.loads((b / "metrics.json").read_text()))
+    files = sorted(p.relative_to(a) for p in a.rglob("*.safetensors"))
+    assert files and files == sorted(p.relative_to(b) for p in b.rglob("*.safetensors"))
+    for f in files:
+        x, y = load_file(str(a / f)), load_file(str(b / f))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), f"{f} differs"
+    assert (a / "config.toml").read_text() == (b / "config.toml").read_text()
+
+
+_REFERENCE: dict[str, Path] = {}
+
+
+@pytest.fixture
+def reference(tmp_path_factory):
+    """The uninterrupted smoke run of a method (one per method per session)."""
+    def get(method: str) -> Path:
+        if method not in _REFERENCE:
+            out = tmp_path_factory.mktemp("ref") / method
+            assert cli("run", config(method), "--out", out, "--smoke").exit_code == 0
+            _REFERENCE[method] = out
+        return _REFERENCE[method]
+    return get
+
+
+def killed_at(method: str, out: Path, point: str, *extra: str) -> subprocess.CompletedProcess:
+    """`taskfed run --smoke` in a fresh process that SIGKILLs itself at `point`."""
+    args = [sys.executable, "-m", "taskfed.cli", "run", str(config(method)), "--out", str(out), "--smoke", *extra]
+    proc = subprocess.run(args, env=dict(ENV, TASKFED_FAULT=point), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    return proc
+
+
+# ----------------------------------------------------------------------------- kill -9 and resume
+@pytest.mark.parametrize("method", ["fedavg", "fedrouter-dual", "feddpa-t", "fltac"])
+def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path, reference, method):
+    want = reference(method)
+    for point in KILL_POINTS:
+        out = tmp_path / point.replace("@", "-")
+        killed_at(method, out, point)
+        assert not out.exists() and list(Checkpoints(out, {}).steps()), f"{point}: no checkpoint kept"
+        refused = cli("run", config(method), "--out", out, "--smoke")  # never silently over days of work
+        assert refused.exit_code == 2 and "--resume" in refused.output
+        done = cli("run", config(method), "--out", out, "--smoke", "--resume")
+        assert done.exit_code == 0, done.output
+        assert_same_run(want, out)
+        assert not Checkpoints(out, {}).exists()  # the run folder is whole: the checkpoints are gone
+
+
+@pytest.mark.parametrize("point", ["setup.done", "checkpoint.files@3", "checkpoint.before_rename@2",
+                                   "checkpoint.after_rename@1", "final.before_rename"])
+def test_a_crash_at_every_point_of_the_checkpoint_write_resumes_to_the_same_result(tmp_path, reference, point):
+    out = tmp_path / "run"
+    killed_at("fedavg", out, point)
+    assert not out.exists()
+    assert cli("run", config("fedavg"), "--out", out, "--smoke", "--resume").exit_code == 0
+    assert_same_run(reference("fedavg"), out)
+
+
+def test_kill_by_pid_from_outside_then_resume(tmp_path):
+    """A real `kill -9` at whatever point the run has reached after its second checkpoint."""
+    extra = ["--set", "train.rounds=30"]
+    want = tmp_path / "want"
+    assert cli("run", config("fedrouter-dual"), "--out", want, "--smoke", *extra).exit_code == 0
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "taskfed.cli", "run", str(config("fedrouter-dual")), "--out", str(out), "--smoke", *extra]
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (Checkpoints(out, {}).folder / "ckpt-00002").exists() and time.monotonic() < deadline:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert not out.exists()
+    done = cli("run", config("fedrouter-dual"), "--out", out, "--smoke", "--resume", *extra)
+    assert done.exit_code == 0 and "resumed from" in done.output, done.output
+    assert_same_run(want, out)
+
+
+# ----------------------------------------------------------------------------- damaged state at rest
+@pytest.fixture
+def stopped(tmp_path, monkeypatch):
+    """A FedAvg smoke run stopped (in this process) during its evaluation: checkpoints of round 2 and of
+    round 1 are kept."""
+    monkeypatch.setenv("TASKFED_FAULT", "eval.local:raise")
+    faults.reset()
+    out = tmp_path / "run"
+    result = cli("run", config("fedavg"), "--out", out, "--smoke")
+    assert result.exit_code == 1 and "injected fault at eval.local" in result.output, result.output
+    monkeypatch.delenv("TASKFED_FAULT")
+    steps = Checkpoints(out, {}).steps()
+    assert [p.name for p in steps] == ["ckpt-00001", "ckpt-00002"]
+    return out, steps
+
+
+def one_error(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def resume(out, *extra):
+    return cli("run", config("fedavg"), "--out", out, "--smoke", "--resume", *extra)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete_client"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(stopped, reference, damage):
+    out, steps = stopped
+    newest = steps[-1]
+    if damage == "truncate":
+        f = newest / "server.safetensors"
+        f.write_bytes(f.read_bytes()[:50])
+    elif damage == "flip":
+        f = newest / "driver.json"
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        f.write_bytes(bytes(data))
+    else:
+        sorted(newest.glob("client.*.safetensors"))[0].unlink()  # one client's state is gone
+    result = resume(out)
+    assert result.exit_code == 0, result.output
+    assert "checkpoint skipped" in result.output and "ckpt-00001" in result.output
+    assert_same_run(reference("fedavg"), out)
+
+
+def test_damage_with_no_good_checkpoint_left_is_one_error_line(stopped):
+    out, steps = stopped
+    for folder in steps:
+        f = folder / "server.safetensors"
+        f.write_bytes(f.read_bytes()[:-3])
+    line = one_error(resume(out))
+    assert "server.safetensors: checksum mismatch" in line and "remove it to start over" in line
+    assert all(p.exists() for p in steps)  # nothing deleted
+
+
+def test_another_format_version_is_refused(stopped):
+    out, steps = stopped
+    for folder in steps:
+        doc = json.loads((folder / MANIFEST).read_text())
+        doc["body"]["format"] = 0
+        import hashlib
+        doc["sha256"] = hashlib.sha256(json.dumps(doc["body"], sort_keys=True).encode()).hexdigest()
+        (folder / MANIFEST).write_text(json.dumps(doc))
+    assert "checkpoint format 0, this taskfed reads format 1" in one_error(resume(out))
+
+
+def test_resuming_with_another_config_names_the_keys_that_differ(stopped):
+    out, _ = stopped
+    line = one_error(resume(out, "--set", "train.lr_max=0.001", "--set", "seed=3"))
+    assert "another config" in line and "seed" in line and "train.lr_max" in line
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_last_good_one(tmp_path, reference, monkeypatch):
+    monkeypatch.setenv("TASKFED_FAULT", "checkpoint.before_rename@3:enospc")
+    faults.reset()
+    out = tmp_path / "run"
+    line = one_error(cli("run", config("fedavg"), "--out", out, "--smoke"))
+    assert "No space left on device" in line and "ckpt-00001" in line and "--resume" in line
+    assert [p.name for p in Checkpoints(out, {}).steps()] == ["ckpt-00000", "ckpt-00001"]
+    assert not list(Checkpoints(out, {}).folder.glob(".ckpt-*"))  # the half-written one is gone
+    monkeypatch.delenv("TASKFED_FAULT")
+    assert resume(out).exit_code == 0
+    assert_same_run(reference("fedavg"), out)
+
+
+def test_resume_of_a_complete_run_is_refused_and_without_checkpoints_starts(tmp_path, reference):
+    done = reference("fedavg")
+    assert "a complete run" in one_error(resume(done))
+    fresh = tmp_path / "fresh"
+    result = resume(fresh)
+    assert result.exit_code == 0 and "starting from the beginning" in result.output
+    assert_same_run(done, fresh)
+
+
+# ----------------------------------------------------------------------------- the state codec
+def test_state_tree_keeps_types_keys_identity_and_values(tmp_path):
+    shared = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    value = {
+        "adapters": [shared, shared, {"w": torch.ones(2, 3, dtype=torch.bfloat16)}],
+        "binding": {"03": np.array([2, 0], dtype=np.int64), "04": np.array([True, False])},
+        "pairs": {("03", 1): np.float64(0.25), 7: float("nan"), None: float("-inf")},
+        "groups": {1, 2}, "labels": ("a", "b"), "count": np.int64(3), "none": None,
+        "centroids": np.random.default_rng(0).normal(size=(3, 4)),
+    }
+    save_tree(value, tmp_path, "s")
+    back = load_tree(tmp_path, "s")
+    assert back["adapters"][0] is back["adapters"][1] and back["adapters"][0] is not back["adapters"][2]
+    assert torch.equal(back["adapters"][0]["w"], shared["w"]) and back["adapters"][2]["w"].dtype == torch.bfloat16
+    assert back["binding"]["03"].dtype == np.int64 and back["binding"]["04"].dtype == np.bool_
+    assert np.array_equal(back["binding"]["03"], [2, 0]) and np.array_equal(back["centroids"], value["centroids"])
+    assert back["pairs"][("03", 1)] == 0.25 and isinstance(back["pairs"][("03", 1)], np.float64)
+    assert np.isnan(back["pairs"][7]) and back["pairs"][None] == float("-inf")
+    assert back["groups"] == {1, 2} and back["labels"] == ("a", "b") and back["count"] == 3 and back["none"] is None
+    tree, tensors = pack(value)
+    assert len(tensors) == 5  # the shared adapter's tensor stored once
+    assert unpack(tree, tensors)["pairs"].keys() == value["pairs"].keys()
+
+
+def test_state_tree_refuses_what_it_cannot_keep():
+    with pytest.raises(TaskfedError, match=r"state\['x'\]: a value of type object"):
+        pack({"x": object()})
+    with pytest.raises(TaskfedError, match="dtype <U1"):
+        pack({"x": np.array(["a"])})
