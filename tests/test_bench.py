@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 import taskfed.run
+from taskfed import faults
 from taskfed.bench import report as bench_report
 from taskfed.bench.report import WALL_TIME_HEADING, build_report
 from taskfed.bench.stats import best_baseline, mean_ci, relative_gain
@@ -132,27 +133,32 @@ def test_interrupted_bench_resumes_to_the_same_report(suite_file: Path, tmp_path
     run_bench(suite_file, whole, smoke=True, log=lambda s: None)
     expected = (whole / "report.md").read_text()
 
-    # Interrupt the second cell: the first cell's folder is complete, the second leaves nothing behind.
+    # Interrupt the second cell after its round 1: the first cell's folder is complete, the second has only
+    # its checkpoints (folder.partial/), from which the rerun resumes it instead of restarting it.
     real = taskfed.run.run_experiment
     calls = []
 
     def interrupted(cfg, out_dir, **kw):
         calls.append(out_dir)
         if len(calls) == 2:
-            raise KeyboardInterrupt
+            monkeypatch.setenv("TASKFED_FAULT", "checkpoint.after_rename@2:raise")
+            faults.reset()
         return real(cfg, out_dir, **kw)
 
     monkeypatch.setattr(taskfed.run, "run_experiment", interrupted)
     part = tmp_path / "part"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(faults.InjectedFault):
         run_bench(suite_file, part, smoke=True, log=lambda s: None)
+    monkeypatch.delenv("TASKFED_FAULT")
     finished = sorted(p.parent.relative_to(part).as_posix() for p in part.glob("*/*/seed-*/metrics.json"))
     assert finished == ["dual/fedavg/seed-0"] and not (part / "report.md").exists()
+    assert sorted(p.name for p in Path(f"{calls[1]}.partial").glob("ckpt-*")) == ["ckpt-00000", "ckpt-00001"]
     monkeypatch.setattr(taskfed.run, "run_experiment", real)
 
     ran = []
     run_bench(suite_file, part, smoke=True, log=ran.append)
     assert "4 cells, 1 finished earlier, 3 to run" in ran[0]
+    assert any(line.startswith("resumed from") and "(round 1 of 2)" in line for line in ran), ran
     resumed = (part / "report.md").read_text()
     assert _stable(resumed) == _stable(expected)
     assert "| fedrouter | 2 |" in resumed and "router accuracy" in resumed

@@ -260,6 +260,7 @@ def run_bench(suite_path: Path, out: Path, smoke: bool = False, device: str | No
         folder = out / cell.path
         if folder.exists() and not any(folder.iterdir()):
             folder.rmdir()
-        run_experiment(cell.cfg, folder, rt=rt, log=log, gen_cache=gen_cache)
+        # A cell interrupted half-way resumes from its own checkpoint (folder.partial/) instead of restarting.
+        run_experiment(cell.cfg, folder, rt=rt, log=log, gen_cache=gen_cache, resume=True)
     write_report(out)
     return grid

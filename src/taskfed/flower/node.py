@@ -68,9 +68,13 @@ class Node:
 
     def load_step(self, fed: Federation, step: int, what: str) -> dict[str, Any]:
         """The client's store as committed at `step` (0: after setup, r: after round r - 1)."""
-        folder = self.state_dir(fed) / f"step-{step}"
-        if not (folder / "store.json").exists():
-            held = sorted(int(p.name[5:]) for p in self.state_dir(fed).glob("step-*") if p.name[5:].isdigit())
+        # A client not sampled in a round commits nothing for it: its state is that of the newest step at or
+        # before the one asked for (a later step belongs to a timeline the server abandoned on resume).
+        held = sorted(int(p.name[5:]) for p in self.state_dir(fed).glob("step-*")
+                      if p.name[5:].isdigit() and (p / "store.json").exists())
+        usable = [n for n in held if n <= step]
+        folder = self.state_dir(fed) / f"step-{usable[-1]}" if usable else None
+        if folder is None:
             raise TaskfedError(f"client {self.client_id}: the server asks for {what}, which needs the client state "
                                f"committed at step {step}, but {self.state_dir(fed)} holds steps {held or 'none'}: "
                                f"the server and this node disagree; resume the server from a checkpoint this node "
