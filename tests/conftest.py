@@ -68,3 +68,18 @@ def write_two_task_data(folder: Path, n_train: int = 40, n_test: int = 10) -> tu
     train.write_text(json.dumps(rows(n_train)))
     test.write_text("\n".join(json.dumps(r) for r in rows(n_test)))
     return train, test
+
+
+# Fields of metrics.json that may differ between two runs that did the same work: which engine ran, and how
+# many tokens it generated (in-process clients share one generation cache, so a row FedAvg's clients all
+# evaluate is generated once; Flower nodes, or a resumed evaluation, start with an empty cache).
+COST = ("engine", "generated_tokens")
+
+
+def untimed(obj, ignore=COST):
+    """metrics.json without timing fields and the `ignore`d cost fields: what must equal across runs."""
+    if isinstance(obj, dict):
+        return {k: untimed(v, ignore) for k, v in obj.items() if "seconds" not in k and k not in ignore}
+    if isinstance(obj, list):
+        return [untimed(v, ignore) for v in obj]
+    return obj

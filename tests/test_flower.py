@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, untimed
 from taskfed.errors import TaskfedError
 from taskfed.flower import node
 from taskfed.flower.codec import (check_results, decode_adapter, decode_config, decode_jobs, encode_adapter,
@@ -187,19 +187,6 @@ def in_process(cfg, drop=lambda r, client: False):
         return metrics, ex
     finally:
         torch.set_num_threads(threads)
-
-
-COST = ("engine", "generated_tokens")  # which engine ran, and how many tokens it generated: in-process
-# clients share one generation cache (a row FedAvg's clients all evaluate is generated once), nodes do not
-
-
-def untimed(obj):
-    """metrics.json without timing and cost fields: what must equal across engines."""
-    if isinstance(obj, dict):
-        return {k: untimed(v) for k, v in obj.items() if "seconds" not in k and k not in COST}
-    if isinstance(obj, list):
-        return [untimed(v) for v in obj]
-    return obj
 
 
 @pytest.fixture(scope="module")

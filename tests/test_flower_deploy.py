@@ -16,8 +16,8 @@ import pytest
 import tomli_w
 import torch
 
-from tests.conftest import tiny_config
-from tests.test_flower import PARITY, config, untimed
+from tests.conftest import tiny_config, untimed
+from tests.test_flower import PARITY, config
 from taskfed.flower import worker
 from taskfed.flower.local import LocalFederation, _alive, _descendants
 from taskfed.model.peft_io import load_adapter

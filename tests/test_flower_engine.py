@@ -15,8 +15,7 @@ import torch
 from flwr.app import Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from tests.conftest import tiny_config
-from tests.test_flower import untimed
+from tests.conftest import tiny_config, untimed
 from taskfed.federation import Driver
 from taskfed.flower import node
 from taskfed.flower.engine import FlowerEngine, Options

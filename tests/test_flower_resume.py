@@ -19,8 +19,7 @@ from taskfed.errors import TaskfedError
 from taskfed.federation import Driver
 from taskfed.flower.engine import FlowerEngine, Options
 from taskfed.run import Experiment
-from tests.conftest import tiny_config
-from tests.test_flower import untimed
+from tests.conftest import tiny_config, untimed
 from tests.test_flower_engine import TASKS, FakeGrid, identity  # noqa: F401  (the fixture)
 
 

@@ -17,8 +17,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from tests.conftest import tiny_config
-from tests.test_flower import untimed
+from tests.conftest import tiny_config, untimed
 from tests.test_flower_engine import TASKS, FakeGrid, identity  # noqa: F401  (a fixture)
 from taskfed.federation import Driver
 from taskfed.flower import worker

@@ -15,9 +15,8 @@ import tomli_w
 
 from taskfed import privacy
 from taskfed.methods.base import RunningMean
-from tests.conftest import FLAN, tiny_config
+from tests.conftest import FLAN, tiny_config, untimed
 from tests.test_bad_input import _cli, _one_error
-from tests.test_flower import untimed
 from tests.test_flower_engine import TASKS, FakeGrid, identity  # noqa: F401 (fixture)
 
 ON = ["privacy.centroids.clip=4", "privacy.centroids.epsilon=8", "privacy.updates.clip=1e-4",  # binds: AdamW moves more

@@ -5,7 +5,7 @@
         manifest.json        step per evaluation mode); format version, config digest and resolved config,
         driver.json/.safetensors   the step's label, and the SHA-256 of every other file
         server.json/.safetensors   the method's server state (Method.state_dict)
-        clients.json/.safetensors  the clients' stores, where the engine keeps them (in-process)
+        client.<cid>.json/.safetensors  each client's store, where the engine keeps them (in-process)
       .ckpt-00004.tmp-PID/   the one being written
 
 A checkpoint is written into a temporary folder, every file fsynced, then renamed into place (and the parent
@@ -31,6 +31,10 @@ from taskfed.state import load_tree, save_tree
 FORMAT = 1
 MANIFEST = "manifest.json"
 KEEP = 2
+
+
+class ConfigMismatch(TaskfedError):
+    """A checkpoint of the same run folder started with another config: never a fall-back, it stops."""
 
 
 def partial_dir(out_dir: Path) -> Path:
@@ -160,7 +164,7 @@ class Checkpoints:
                                f"{FORMAT}: resume it with the taskfed version that wrote it, or start over.")
         if body["config_digest"] != self.digest:
             keys = config_diff(body["config"], self.config)
-            raise TaskfedError(f"{self.folder}: was started with another config (differs in "
+            raise ConfigMismatch(f"{self.folder}: was started with another config (differs in "
                                f"{', '.join(keys) or 'its digest'}); resume with the config it was started with.")
         for name, sha in body["files"].items():
             path = folder / name
@@ -180,9 +184,9 @@ class Checkpoints:
         for folder in reversed(found):
             try:
                 ckpt = self.verify(folder)
+            except ConfigMismatch:
+                raise
             except TaskfedError as exc:
-                if "another config" in str(exc):
-                    raise
                 errors.append(str(exc))
                 continue
             for why in errors:

@@ -2,12 +2,14 @@
 process fail at the n-th time (default the first) it passes the named point.
 
 Actions: `kill` (default: SIGKILL to itself, what `kill -9` or a power cut does: no cleanup, no flush),
-`enospc` (an OSError "No space left on device", as a full disk raises it) and `raise` (an exception, for
-tests that stop a run inside their own process).
+`enospc` (an OSError "No space left on device", as a full disk raises it), `raise` (an exception, for
+tests that stop a run inside their own process) and `hang` (never returns: a node that never answers, until
+something kills it).
 
 Points: setup.done, checkpoint.files, checkpoint.before_rename, checkpoint.after_rename,
 round-<r>.aggregate (after round r's first upload is folded in), eval.<mode> (that mode generated, not yet
-checkpointed), final.before_rename (the run folder written, not yet in place). Points are named where the
+checkpointed), final.before_rename (the run folder written, not yet in place); on a Flower node,
+node.round-<r> (round r's message received, nothing trained yet). Points are named where the
 driver and the checkpoint writer call `hit`; an unset variable costs one dictionary lookup.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 from collections import Counter
 
 _HITS: Counter = Counter()
@@ -44,4 +47,7 @@ def hit(point: str) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     if action == "raise":
         raise InjectedFault(f"injected fault at {point}")
+    if action == "hang":
+        while True:
+            time.sleep(3600)
     os.kill(os.getpid(), signal.SIGKILL)

@@ -68,7 +68,6 @@ class Driver:
         self.setup_bytes: int | None = None  # None: setup not done yet
         self.evaluation: dict[str, dict] = {}  # the modes evaluated so far
         self.ckpts: Checkpoints | None = None
-        self.checkpoint_seconds = 0.0  # time spent writing checkpoints (benchmarks/checkpoint_cost.py)
         self.short: tuple[int, int] | None = None  # the last round's (clients that uploaded, min_replies) if short
 
     def build(self, clients: list[str]) -> None:
@@ -111,14 +110,13 @@ class Driver:
         selected = sample_clients(self.fed.clients, self.cfg.scenario.clients_per_round, self.cfg.seed, r)
         jobs = self.method.plan(r, selected)
         total = self.method.n_rounds(self.cfg.train.rounds)
-        uploaded, senders = [0], set()
+        senders: set[str] = set()
         with progress.task(f"round {r + 1}/{total}", total=len(jobs), unit="jobs"):
             results, stats = self.engine.stream(r, jobs)
 
             def uploads():
                 for x in results:
                     if x.weights is not None:
-                        uploaded[0] += 1
                         senders.add(x.job.client)
                         yield x
 
@@ -129,13 +127,13 @@ class Driver:
                 self.method.aggregate(r, _faulted(uploads(), f"round-{r + 1}.aggregate"))
             for _ in uploads():  # what the aggregation did not pull (e.g. Local's client-kept jobs) still runs
                 pass
-        if uploaded[0]:  # the accountant's round: every client trained (q = 1) or a sample of them
-            everyone = {j.client for j in jobs if j.upload} - set(selected)
-            s = self.cfg.scenario
-            self.rates.append(1.0 if everyone or s.clients_per_round is None else s.clients_per_round / s.n_clients)
         planned = {j.client for j in jobs if j.upload}
-        self.short = (len(senders), min(self.cfg.train.min_replies, len(planned))) if len(senders) < min(
-            self.cfg.train.min_replies, len(planned)) else None
+        if senders:  # the accountant's round: every client trained (q = 1) or a sample of them
+            s = self.cfg.scenario
+            everyone = planned - set(selected)
+            self.rates.append(1.0 if everyone or s.clients_per_round is None else s.clients_per_round / s.n_clients)
+        need = min(self.cfg.train.min_replies, len(planned))
+        self.short = (len(senders), need) if len(senders) < need else None
         record = round_record(r, stats, time.perf_counter() - start)
         record.update(self.method.round_report(r))
         for who, why in stats.dropped.items():
@@ -268,9 +266,7 @@ class Driver:
         parts = {"driver": driver, "server": self.method.state_dict()}
         for cid, store in (self.engine.client_state() or {}).items():  # one part per client
             parts[f"client.{cid}"] = store
-        tic = time.perf_counter()
         self.ckpts.write(step, label, parts)
-        self.checkpoint_seconds += time.perf_counter() - tic
 
     def restore(self, ckpt: Checkpoint) -> None:
         """The run as it was at `ckpt`: membership, the method's server state, the clients' stores (or, on

@@ -6,6 +6,9 @@ The ServerApp reads its run config (`flwr run . <connection> --run-config "..."`
     smoke          true: the same config on the tiny model with a minimal budget
     out            the run folder to write (default: runs/flower-<method>-<run id>)
     round-timeout  seconds a round (or an evaluation) waits for replies (default 3600)
+    rejoin-timeout seconds a round waits, before it starts, for the node of a client that left to come
+                   back (default 0: a node that is back in time rejoins, the round does not wait)
+    resume         true: continue the run in `out`.partial/ from its last checkpoint
 The nodes need no copy of the config: the server sends the validated config with every message.
 
 The ClientApp forwards each message to its SuperNode's long-lived taskfed worker (flower/worker.py), which
@@ -36,6 +39,7 @@ def config_from_run_config(run_config: dict):
         cfg = smoke(cfg)
     return cfg, Options(out_dir=Path(str(run_config["out"])) if run_config.get("out") else None,
                         round_timeout=float(run_config.get("round-timeout", 3600.0)),
+                        rejoin_timeout=float(run_config.get("rejoin-timeout", 0.0)),
                         resume=bool(run_config.get("resume", False)))
 
 

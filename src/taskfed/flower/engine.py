@@ -49,6 +49,7 @@ class Options:
     round_timeout: float = 3600.0  # seconds a round (or an evaluation) waits for replies before dropping nodes
     connect_timeout: float = 300.0  # seconds to wait for scenario.n_clients nodes to connect
     resume: bool = False  # continue the run in out_dir.partial/ from its last checkpoint
+    rejoin_timeout: float = 0.0  # seconds a round waits, before it starts, for a client's node to come back
 
 
 class FlowerEngine:
@@ -198,14 +199,26 @@ class FlowerEngine:
 
     # ----------------------------------------------------------------- a round
     def rejoin(self) -> None:
-        """A client whose node is gone (killed, restarted) and has come back as a new node takes that node
-        for its messages from now on; it reloads its state from its own disk (node.py). Only a client whose
-        old node has left the grid is taken over: a live node is never displaced."""
-        live = set(self.grid.get_node_ids())
-        new = sorted(live - set(self.node_of.values()))
-        if not new:
-            return
-        msgs = {n: self._message(n, "train.hello", RecordDict({"config": encode_config(self.cfg)})) for n in new}
+        """A client whose node is gone (killed, restarted) comes back: under its old node id (a SuperNode
+        restarted with its key, once the SuperLink has marked the old one offline) or as a new node that
+        claims it, which takes its messages from now on. Either way it reloads its state from its own disk
+        (node.py). Only a client whose old node has left the grid is taken over: a live node is never
+        displaced. With `rejoin_timeout`, the round waits that long for every gone client to come back."""
+        deadline = time.monotonic() + self.opts.rejoin_timeout
+        asked: set[int] = set()  # new nodes already asked who they are
+        while True:
+            live = set(self.grid.get_node_ids())
+            new = sorted(live - set(self.node_of.values()) - asked)
+            if new:
+                asked.update(new)
+                self._claim(new, live)
+            gone = sorted(c for c, n in self.node_of.items() if n not in live)
+            if not gone or time.monotonic() > deadline:
+                return
+            time.sleep(0.5)
+
+    def _claim(self, nodes: list[int], live: set[int]) -> None:
+        msgs = {n: self._message(n, "train.hello", RecordDict({"config": encode_config(self.cfg)})) for n in nodes}
         replies, _ = self._exchange(msgs, "hello", timeout=min(self.opts.round_timeout, 60.0))
         for node_id, reply in sorted(replies.items()):
             try:

@@ -167,6 +167,29 @@ def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
             return
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return b""
+
+
+def _workers_watching(pid: int) -> list[int]:
+    """The taskfed workers (flower/worker.py) that serve the SuperNode `pid`: they run in sessions of their
+    own, so a signal to the SuperNode's family misses them."""
+    from taskfed.flower import worker
+
+    out = []
+    for f in worker.home().glob("*.pid"):
+        try:
+            w = int(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if f"--watch {pid}".encode() in _cmdline(w):
+            out.append(w)
+    return out
+
+
 def _alive(pid: int) -> bool:
     """Running (a zombie, dead but not yet reaped, does not count)."""
     try:
@@ -188,17 +211,20 @@ class LocalFederation:
     auth: bool = True  # SuperNode authentication: only registered public keys may connect
     startup_timeout: float = 120.0
     env_extra: dict[str, str] = field(default_factory=dict)  # e.g. OMP_NUM_THREADS, TASKFED_CACHE for the nodes
+    node_env: dict[int, dict[str, str]] = field(default_factory=dict)  # more for one node, e.g. a TASKFED_FAULT
     port: int = field(default_factory=free_port)
     procs: list[subprocess.Popen] = field(default_factory=list)
+    nodes: dict[int, subprocess.Popen] = field(default_factory=dict)  # the running SuperNode of each index
+    node_ids: dict[int, int] = field(default_factory=dict)  # Flower's node id of each index (from its key)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = open(self.workdir / "logs" / f"{name}.log", "wb")
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
-                                start_new_session=True)
+    def _start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(self.workdir / "logs" / f"{name}.log", "ab")  # a restarted node appends to its log
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=dict(self.env, **(env or {})),
+                                cwd=self.workdir, start_new_session=True)
         log.close()
         self.procs.append(proc)
         return proc
@@ -224,16 +250,13 @@ class LocalFederation:
                     "--port", str(self.port), "--disable-runtime-dependency-installation"]
             self.superlink = self._start("superlink", link + (["--enable-supernode-auth"] if self.auth else []))
             self._wait_port()
-            keys = [make_node_key(self.workdir / "keys", f"node{i}", force=True) for i in range(len(self.node_configs))]
+            self.keys = [make_node_key(self.workdir / "keys", f"node{i}", force=True)
+                         for i in range(len(self.node_configs))]
             if self.auth:
-                for _, public in keys:
-                    self._register(public)
-            for i, (nc, (private, _)) in enumerate(zip(self.node_configs, keys)):
-                config = " ".join(f"{k}={json.dumps(v)}" for k, v in nc.items())
-                self._start(f"supernode{i}", [
-                    str(BIN / "flower-supernode"), "--superlink", self.address, "--root-certificates", str(self.tls["ca"]),
-                    "--auth-supernode-private-key", str(private), "--node-config", config,
-                    "--host", "127.0.0.1", "--port", str(free_port())])
+                for i, (_, public) in enumerate(self.keys):
+                    self.node_ids[i] = self._register(public)
+            for i in range(len(self.node_configs)):
+                self.start_node(i, self.node_env.get(i))
             return self
         except BaseException:
             self.__exit__(None, None, None)
@@ -242,6 +265,58 @@ class LocalFederation:
     def __exit__(self, *exc) -> None:
         for proc in reversed(self.procs):  # nodes first, the SuperLink last
             stop(proc)
+
+    # ----------------------------------------------------------------- one node
+    def start_node(self, i: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """SuperNode `i` with its key and node config (again, after `kill_node`: the same identity)."""
+        private = self.keys[i][0]
+        config = " ".join(f"{k}={json.dumps(v)}" for k, v in self.node_configs[i].items())
+        self.nodes[i] = self._start(f"supernode{i}", [
+            str(BIN / "flower-supernode"), "--superlink", self.address, "--root-certificates", str(self.tls["ca"]),
+            "--auth-supernode-private-key", str(private), "--node-config", config,
+            "--host", "127.0.0.1", "--port", str(free_port())], env)
+        return self.nodes[i]
+
+    def kill_node(self, i: int, graceful: bool = False) -> None:
+        """SuperNode `i` and everything of it gone, its taskfed worker included. By default SIGKILL: a crash,
+        no cleanup, and the SuperLink learns of it only when the node's heartbeats stop. `graceful`: SIGTERM
+        first, and the SuperNode tells the SuperLink it is leaving (it can come back at once)."""
+        proc = self.nodes[i]
+        workers = _workers_watching(proc.pid)  # before the node is gone: they are found by the pid they watch
+        family = [proc.pid] + _descendants(proc.pid)
+        if graceful:
+            stop(proc)
+        for pid in family + workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in family[1:] + workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def node_status(self, i: int) -> str:
+        """The SuperLink's view of node `i`: online, offline, registered, ... ("" if it cannot tell)."""
+        out = self.flwr("supernode", "list", "local-tls", "--format", "json", timeout=60)
+        try:
+            nodes = json.loads(out.stdout[out.stdout.index("{"):]).get("nodes", [])
+        except ValueError:
+            return ""
+        return next((str(n.get("status", "")) for n in nodes if str(n.get("node-id")) == str(self.node_ids.get(i))), "")
+
+    def wait_node(self, i: int, status: str, timeout: float = 120.0) -> None:
+        """Until the SuperLink reports node `i` as `status` (a killed node turns offline once it has missed
+        its heartbeats: up to 2 x 30 s in flwr 1.41)."""
+        deadline = time.monotonic() + timeout
+        while (now := self.node_status(i)) != status:
+            if time.monotonic() > deadline:
+                raise TaskfedError(f"node {i} is {now or 'unknown'}, not {status}, after {timeout:g} s.")
+            time.sleep(1.0)
+
+    def serverapp_pids(self) -> list[int]:
+        """The ServerApp processes the SuperLink runs (one per run in progress)."""
+        return [p for p in _descendants(self.superlink.pid) if b"flwr-serverapp" in _cmdline(p)]
 
     def _wait_port(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -255,23 +330,37 @@ class LocalFederation:
                 time.sleep(0.2)
         raise TaskfedError(f"flower-superlink did not listen on {self.address} within {self.startup_timeout:g} s.")
 
-    def _register(self, public: Path) -> None:
+    def _register(self, public: Path) -> int:
+        """The public key registered with the SuperLink: the node id it will have."""
         deadline = time.monotonic() + self.startup_timeout
         while True:
-            done = self.flwr("supernode", "register", str(public), "local-tls")
+            done = self.flwr("supernode", "register", str(public), "local-tls", "--format", "json")
             if done.returncode == 0:
-                return
+                return int(json.loads(done.stdout[done.stdout.index("{"):])["node-id"])
             if time.monotonic() > deadline:
                 raise TaskfedError(f"flwr supernode register failed: {(done.stdout + done.stderr).strip()[-300:]}")
             time.sleep(0.5)
 
     def run(self, app_dir: Path, run_config: dict[str, Any], done: Path, timeout: float = 600.0) -> str:
         """Submits the app (`flwr run`) and waits until `done` exists (the ServerApp's last write); the run id."""
+        run_id = self.submit(app_dir, run_config)
+        self.wait(run_id, done, timeout)
+        return run_id
+
+    def submit(self, app_dir: Path, run_config: dict[str, Any]) -> str:
+        """`flwr run` of the app with these run-config overrides; the run id."""
         overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
         started = self.flwr("run", str(app_dir), "local-tls", "--run-config", overrides, "--format", "json")
-        if started.returncode != 0:
+        try:
+            reply = json.loads(started.stdout[started.stdout.index("{"):])
+        except ValueError:
+            reply = {}
+        if started.returncode != 0 or not reply.get("success", True) or reply.get("run-id") is None:
             raise TaskfedError(f"flwr run failed: {(started.stdout + started.stderr).strip()[-500:]}")
-        run_id = str(json.loads(started.stdout[started.stdout.index("{"):]).get("run-id"))
+        return str(reply["run-id"])
+
+    def wait(self, run_id: str, done: Path, timeout: float = 600.0) -> None:
+        """Until `done` exists; an error if the run ends without it or takes longer than `timeout`."""
         deadline = time.monotonic() + timeout
         while not done.exists():
             status = self._status(run_id)
@@ -281,7 +370,6 @@ class LocalFederation:
             if time.monotonic() > deadline:
                 raise TaskfedError(f"flower run {run_id} did not finish within {timeout:g} s (status {status}).")
             time.sleep(1.0)
-        return run_id
 
     def _status(self, run_id: str) -> str:
         out = self.flwr("ls", "local-tls", "--run-id", run_id, "--format", "json", timeout=60)

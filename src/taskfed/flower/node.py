@@ -33,6 +33,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, RecordDict
 
+from taskfed import faults
 from taskfed.config import RunConfig
 from taskfed.data.loaders import load_json
 from taskfed.engine.inprocess import InProcessEngine
@@ -66,26 +67,27 @@ class Node:
         """Keyed by the taskfed run's id (kept across a server's resume, unlike Flower's run id)."""
         return self.root / (f"run-{fed.run}" if fed.run else self.flower_run) / self.client_id
 
+    def _held(self, fed: Federation) -> dict[int, Path]:
+        """The step folders this node holds for the run, by step."""
+        return {int(p.name[5:]): p for p in self.state_dir(fed).glob("step-*") if p.name[5:].isdigit()}
+
     def load_step(self, fed: Federation, step: int, what: str) -> dict[str, Any]:
         """The client's store as committed at `step` (0: after setup, r: after round r - 1)."""
         # A client not sampled in a round commits nothing for it: its state is that of the newest step at or
         # before the one asked for (a later step belongs to a timeline the server abandoned on resume).
-        held = sorted(int(p.name[5:]) for p in self.state_dir(fed).glob("step-*")
-                      if p.name[5:].isdigit() and (p / "store.json").exists())
+        held = sorted(n for n, p in self._held(fed).items() if (p / "store.json").exists())
         usable = [n for n in held if n <= step]
-        folder = self.state_dir(fed) / f"step-{usable[-1]}" if usable else None
-        if folder is None:
+        if not usable:
             raise TaskfedError(f"client {self.client_id}: the server asks for {what}, which needs the client state "
                                f"committed at step {step}, but {self.state_dir(fed)} holds steps {held or 'none'}: "
                                f"the server and this node disagree; resume the server from a checkpoint this node "
                                f"has, or give the node its state dir back.")
-        return load_store(folder)
+        return load_store(self.state_dir(fed) / f"step-{usable[-1]}")
 
     def commit_step(self, fed: Federation, step: int, store: dict[str, Any]) -> None:
         """The store of `step`, on disk before the reply leaves: a step counts as done here only then."""
         save_store(store, self.state_dir(fed) / f"step-{step}")
-        steps = sorted((int(p.name[5:]), p) for p in self.state_dir(fed).glob("step-*") if p.name[5:].isdigit())
-        for n, old in steps:
+        for n, old in self._held(fed).items():
             if n <= step - KEEP_STEPS or n > step:  # too old, or a later step of an abandoned timeline
                 shutil.rmtree(old, ignore_errors=True)
 
@@ -162,26 +164,21 @@ def _engine(cfg: RunConfig, rt: Runtime, me: Node, content: RecordDict, kind: st
     message starts from (a round r from step r, an evaluation from the last), the method's client side built
     from the federation's facts in the message."""
     fed = decode_fed(content.config_records.get("fed"), cfg, rt.init_adapter())
-    store = {}
+    client = Client(me.client_id, me.client.records, {}, me.scratch)
+    pop = Population({client.id: client}, me.pop.seen, me.pop.unseen, me.pop.test_by_task, me.pop.answers)
+    engine = InProcessEngine(rt, pop, cfg)
+    engine.attach(fed)
     if kind == "round":
         head = content.config_records.get("round")
         round_idx = head.get("round") if head is not None else None
         if not isinstance(round_idx, int):
             raise TaskfedError("flower message: a round message without its round index.")
-        store = me.load_step(fed, round_idx, f"round {round_idx + 1}")
+        faults.hit(f"node.round-{round_idx + 1}")
+        client.store.update(me.load_step(fed, round_idx, f"round {round_idx + 1}"))
     elif kind == "evaluate":
-        store = me.load_step(fed, build_n_rounds(cfg, fed), "the evaluation")
-    client = Client(me.client_id, me.client.records, store, me.scratch)
-    pop = Population({client.id: client}, me.pop.seen, me.pop.unseen, me.pop.test_by_task, me.pop.answers)
-    engine = InProcessEngine(rt, pop, cfg)
-    engine.attach(fed)
+        last = engine.client_side.n_rounds(cfg.train.rounds)
+        client.store.update(me.load_step(fed, last, "the evaluation"))
     return engine, client
-
-
-def build_n_rounds(cfg: RunConfig, fed: Federation) -> int:
-    from taskfed.methods import build_method
-
-    return build_method(cfg.method, fed).n_rounds(cfg.train.rounds)
 
 
 # ----------------------------------------------------------------------------- handlers
