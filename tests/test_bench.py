@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -19,6 +20,7 @@ from taskfed.bench.stats import best_baseline, mean_ci, relative_gain
 from taskfed.bench.suite import cells, load_suite, run_bench
 from taskfed.cli import app
 from taskfed.errors import TaskfedError
+from taskfed.evaluation.rows import write_scores
 
 from .conftest import FLAN
 
@@ -74,7 +76,35 @@ def test_report_aggregates_seeds_and_checks_claims(tmp_path: Path):
     assert "+28.1% (vs fedavg)" in text
     # The P claim holds here: the gap 0.09 exceeds 0.0497 + 0.0248.
     claim = next(line for line in text.splitlines() if line.startswith("| FedDPA-F: above FedIT on P"))
-    assert "0.4100 vs fedavg 0.3200" in claim and claim.endswith("| yes |")
+    assert "0.4100 vs fedavg 0.3200" in claim and "| yes |" in claim
+    assert claim.endswith("| n/a (no per-row scores) | | n/a |")  # these runs have no scores.csv to pair
+
+
+def _scores_csv(folder: Path, values: list[float]) -> None:
+    rows = [{"mode": "local", "client": "0", "task": "a", "row": i, "adapters": ["global"], "weights": [1.0],
+             "rouge1": v, "rougeL": v, "exact_match": 0.0} for i, v in enumerate(values)]
+    write_scores(folder / "scores.csv", rows)
+
+
+def test_report_pairs_methods_on_their_rows_and_against_the_base_model(tmp_path: Path):
+    """Same rows, same seeds: FedDPA-F is 0.1 above FedIT on every row (supported, however close the seed
+    means); FedIT is level with the untrained base (inconclusive), FedDPA-F clearly above it."""
+    rng = np.random.default_rng(0)
+    for seed in range(2):
+        base = rng.uniform(0.2, 0.6, 40)
+        for method, rows in {"fedavg": base, "feddpa-f": base + 0.1, "base": base}.items():
+            folder = tmp_path / "single" / method / f"seed-{seed}"
+            folder.mkdir(parents=True)
+            (folder / "metrics.json").write_text(json.dumps(_fake_metrics(method, "single", seed, float(rows.mean()),
+                                                                          {"a": float(rows.mean())})))
+            _scores_csv(folder, list(rows))
+    text = build_report(tmp_path)
+    claim = next(line for line in text.splitlines() if line.startswith("| FedDPA-F: above FedIT on P"))
+    assert "+0.1000 [+0.1000, +0.1000] (n = 80) vs fedavg" in claim and claim.endswith("| supported |")
+    lines = text.splitlines()
+    assert any(line.startswith("| feddpa-f | local | +0.1000") and line.endswith("| supported |") for line in lines)
+    assert any(line.startswith("| fedavg | local | +0.0000") and line.endswith("| inconclusive at this budget |")
+               for line in lines)
     assert (tmp_path / "figures" / "scores_single.png").stat().st_size > 1000
 
 
@@ -157,11 +187,13 @@ def test_interrupted_bench_resumes_to_the_same_report(suite_file: Path, tmp_path
 
     ran = []
     run_bench(suite_file, part, smoke=True, log=ran.append)
-    assert "4 cells, 1 finished earlier, 3 to run" in ran[0]
+    assert "6 cells, 1 finished earlier, 5 to run" in ran[0]  # fedavg, fedrouter and the base reference
     assert any(line.startswith("resumed from") and "(round 1 of 2)" in line for line in ran), ran
     resumed = (part / "report.md").read_text()
     assert _stable(resumed) == _stable(expected)
     assert "| fedrouter | 2 |" in resumed and "router accuracy" in resumed
+    assert "| base | 2 |" in resumed and "paired gain over the base model" in resumed
+    assert all((part / "dual" / m / "seed-0" / "scores.csv").exists() for m in ("fedavg", "fedrouter", "base"))
     names = {p.name for p in (part / "figures").iterdir()}
     assert {"scores_dual.png", "heatmap_dual.png", "loss_dual.png", "bytes_dual.png",
             "router_dual_fedrouter.png"} <= names

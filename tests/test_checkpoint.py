@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from taskfed import faults
-from taskfed.checkpoint import MANIFEST, Checkpoints
+from taskfed.checkpoint import FORMAT, MANIFEST, Checkpoints
 from taskfed.cli import app
 from taskfed.errors import TaskfedError
 from taskfed.state import load_tree, pack, save_tree, unpack
@@ -192,7 +192,7 @@ def test_another_format_version_is_refused(stopped):
         import hashlib
         doc["sha256"] = hashlib.sha256(json.dumps(doc["body"], sort_keys=True).encode()).hexdigest()
         (folder / MANIFEST).write_text(json.dumps(doc))
-    assert "checkpoint format 0, this taskfed reads format 1" in one_error(resume(out))
+    assert f"checkpoint format 0, this taskfed reads format {FORMAT}" in one_error(resume(out))
 
 
 def test_resuming_with_another_config_names_the_keys_that_differ(stopped):

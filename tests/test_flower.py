@@ -19,9 +19,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from tests.conftest import tiny_config, untimed
 from taskfed.errors import TaskfedError
+from taskfed.evaluation.rows import read_scores
 from taskfed.flower import node
 from taskfed.flower.codec import (check_results, decode_adapter, decode_config, decode_jobs, encode_adapter,
-                                  encode_config, encode_jobs)
+                                  encode_arrays, encode_config, encode_jobs)
 from taskfed.flower.server import Options, serve
 from taskfed.flower.store import load_store, save_store
 from taskfed.methods.base import Job, LocalRef, label_rows, task_rows
@@ -174,7 +175,7 @@ def corrupting_client_app() -> ClientApp:
     return app
 
 
-def in_process(cfg, drop=lambda r, client: False):
+def in_process(cfg, drop=lambda r, client: False, out=None):
     """The in-process run (training and evaluation): its metrics and the experiment; `drop` leaves uploads
     out of aggregation (the reference for the bad-node run: what the others alone aggregate to)."""
     threads = torch.get_num_threads()
@@ -183,7 +184,7 @@ def in_process(cfg, drop=lambda r, client: False):
         ex = Experiment(cfg)
         aggregate = ex.method.aggregate
         ex.method.aggregate = lambda r, results: aggregate(r, [x for x in results if not drop(r, x.job.client)])
-        metrics = ex.run()
+        metrics = ex.run(out)
         return metrics, ex
     finally:
         torch.set_num_threads(threads)
@@ -221,9 +222,9 @@ def saved(folder, name):
 
 
 @pytest.mark.parametrize("method", PARITY)
-def test_simulation_equals_in_process(simulated, method):
+def test_simulation_equals_in_process(simulated, method, tmp_path):
     root, runs, metrics = simulated
-    want, ex = in_process(runs[method])
+    want, ex = in_process(runs[method], out=tmp_path / "in-process")
     # The whole metrics.json but timings: rounds, every eval mode, per-task scores, router accuracy, ...
     on_disk = json.loads((root / method / "metrics.json").read_text())
     assert untimed(on_disk) == untimed(json.loads(json.dumps(want))), f"{method}: metrics differ from in-process"
@@ -232,7 +233,10 @@ def test_simulation_equals_in_process(simulated, method):
     for name, weights in ex.method.server_adapters().items():
         got = saved(root / method, name)
         assert all(torch.equal(got[k], weights[k]) for k in weights), f"{method} {name} differs from in-process"
-    assert sorted(p.name for p in (root / method).iterdir()) == ["adapters", "config.toml", "metrics.json", "report.md"]
+    assert sorted(p.name for p in (root / method).iterdir()) == ["adapters", "config.toml", "metrics.json", "report.md",
+                                                               "scores.csv"]
+    # Every row's scores and mix, as the nodes computed them: what the in-process run computed.
+    assert read_scores(root / method / "scores.csv") == read_scores(tmp_path / "in-process" / "scores.csv")
     assert all("dropped" not in r for r in metrics[method]["rounds"])
     assert all(r["node_load_seconds"] < 1.0 for r in metrics[method]["rounds"])  # runtime cached per worker
     stores = (root / "cache" / "flower" / "state").glob(f"run-*/*/step-{len(metrics[method]['rounds'])}/store.json")
@@ -278,7 +282,34 @@ def test_flower_simulate_cli_writes_the_run_folder_taskfed_run_writes(tmp_path, 
                           capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1],
                           env={**__import__("os").environ, "TASKFED_CACHE": str(tmp_path / "cache")})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert sorted(p.name for p in out.iterdir()) == ["adapters", "config.toml", "metrics.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapters", "config.toml", "metrics.json", "report.md",
+                                                     "scores.csv"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["engine"] == "flower" and set(metrics["eval"]) == {"local", "global"}
     assert "local " in done.stdout and "run folder" in done.stdout
+
+
+def test_a_nodes_per_row_scores_are_checked_against_its_per_task_figures():
+    """The per-row scores (scores.csv) travel with a node's evaluation: the server takes the per-task means
+    from them, and refuses a reply whose rows and per-task figures disagree, or whose rows are out of range."""
+    from taskfed.evaluation.evaluate import ClientEval, per_task_means
+    from taskfed.flower.codec import decode_eval_reply, encode_eval_reply
+    from taskfed.methods.base import Routed
+    from taskfed.model.bank import RowMix
+
+    tasks = ["qa", "nli", "qa"]
+    rows = {"rouge1": np.array([0.5, 1.0, 0.25]), "rougeL": np.array([0.5, 1.0, 0.0]), "exact_match": np.zeros(3)}
+    mix = RowMix(torch.zeros(3, 1, dtype=torch.int64), torch.ones(3, 1))
+    ev = ClientEval(float(rows["rouge1"].mean()), per_task_means(tasks, rows), 5, 0.1,
+                    Routed("1", tasks, ["global"], mix), rows)
+    back = decode_eval_reply(encode_eval_reply(ev), "1", ["qa", "nli"], "test")
+    assert back.per_task == ev.per_task and all(np.array_equal(back.rows[m], rows[m]) for m in rows)
+    assert back.per_task["qa"]["rouge1"] == 0.375 and back.score == ev.score
+    lying = encode_eval_reply(ev)
+    lying["rows"] = encode_arrays({**rows, "rougeL": np.array([0.5, 1.0, 1.0])})  # rows say qa's ROUGE-L is 0.75
+    with pytest.raises(TaskfedError, match="per-task scores disagree with its per-row scores"):
+        decode_eval_reply(lying, "1", ["qa", "nli"], "test")
+    short = encode_eval_reply(ev)
+    short["rows"] = encode_arrays({m: v[:2] for m, v in rows.items()})
+    with pytest.raises(TaskfedError, match="per-row scores are missing, of the wrong length"):
+        decode_eval_reply(short, "1", ["qa", "nli"], "test")

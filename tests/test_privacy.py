@@ -228,7 +228,8 @@ def test_bench_sweeps_epsilon_and_reports_the_cost(tmp_path):
     path = tmp_path / "suite.toml"
     path.write_text(tomli_w.dumps(suite))
     grid = run_bench(path, tmp_path / "bench", smoke=True, log=lambda s: None)
-    assert [c.method for c in grid] == ["fedrouter", "fedrouter-eps1", "fedrouter-eps8"]
+    # The base model's reference cell shares nothing: it is never swept.
+    assert [c.method for c in grid] == ["fedrouter", "fedrouter-eps1", "fedrouter-eps8", "base"]
     m = json.loads((tmp_path / "bench" / "dual" / "fedrouter-eps1" / "seed-0" / "metrics.json").read_text())
     assert m["privacy"]["centroids"]["target_epsilon"] == 1.0 and m["privacy"]["centroids"]["epsilon"] <= 1.0
     report = (tmp_path / "bench" / "report.md").read_text()

@@ -28,7 +28,7 @@ from taskfed import faults
 from taskfed.errors import TaskfedError
 from taskfed.state import load_tree, save_tree
 
-FORMAT = 1
+FORMAT = 2  # 2: the driver keeps the per-row scores of the modes evaluated
 MANIFEST = "manifest.json"
 KEEP = 2
 

@@ -34,6 +34,7 @@ from taskfed.config import RunConfig
 from taskfed.engine import Engine, RoundStats
 from taskfed.errors import TaskfedError
 from taskfed.evaluation.evaluate import mode_metrics
+from taskfed.evaluation.rows import FILE as SCORES, rows_of, write_scores
 from taskfed.methods import build_method
 from taskfed.methods.base import Federation, Method
 from taskfed.model.peft_io import save_adapter
@@ -67,6 +68,7 @@ class Driver:
         self.rounds: list[dict] = []  # the records of the rounds done
         self.setup_bytes: int | None = None  # None: setup not done yet
         self.evaluation: dict[str, dict] = {}  # the modes evaluated so far
+        self.scores: dict[str, list[dict]] = {}  # their per-row scores (scores.csv), by mode
         self.ckpts: Checkpoints | None = None
         self.short: tuple[int, int] | None = None  # the last round's (clients that uploaded, min_replies) if short
 
@@ -191,6 +193,9 @@ class Driver:
                     dropped[cid] = f"evaluation report refused: {why}"
                     del evals[cid]
             out[mode] = mode_metrics(self.method, mode, evals)
+            self.scores[mode] = [row for cid in sorted(evals) for row in rows_of(
+                mode, cid, evals[cid].routed.tasks, evals[cid].routed.names, evals[cid].routed.mix.idx.tolist(),
+                evals[cid].routed.mix.w.tolist(), evals[cid].rows)]
             if dropped:
                 out[mode]["dropped"] = dict(sorted(dropped.items()))
                 for cid, why in sorted(dropped.items()):
@@ -261,7 +266,8 @@ class Driver:
             return
         driver = {"step": step, "run": self.fed.run, "rounds": self.rounds, "setup_bytes": self.setup_bytes,
                   "setup_seconds": self.setup_seconds, "left_out": self.left_out, "released": self.released,
-                  "rates": self.rates, "evaluation": self.evaluation, "torch_rng": torch.get_rng_state(),
+                  "rates": self.rates, "evaluation": self.evaluation, "scores": self.scores,
+                  "torch_rng": torch.get_rng_state(),
                   "clients": {c: [i.n_train, list(i.tasks)] for c, i in self.roster.clients.items()}}
         parts = {"driver": driver, "server": self.method.state_dict()}
         for cid, store in (self.engine.client_state() or {}).items():  # one part per client
@@ -285,17 +291,19 @@ class Driver:
         self.engine.restore_clients(stores or None, ckpt.folder)
         self.rounds, self.setup_bytes, self.setup_seconds = d["rounds"], d["setup_bytes"], d["setup_seconds"]
         self.left_out, self.released, self.rates, self.evaluation = d["left_out"], d["released"], d["rates"], d["evaluation"]
+        self.scores = d["scores"]
         torch.set_rng_state(d["torch_rng"])
         self.log(f"resumed from {ckpt.folder} ({ckpt.label})")
 
     def write(self, folder: Path, metrics: dict) -> None:
-        """The run folder: config.toml (the resolved config, runnable as it is), metrics.json, the server's
-        adapters and the clients' (PEFT format), report.md."""
+        """The run folder: config.toml (the resolved config, runnable as it is), metrics.json, scores.csv (the
+        per-row scores), the server's adapters and the clients' (PEFT format), report.md."""
         from taskfed.report import run_report
 
         cfg = self.cfg
         (folder / "config.toml").write_text(tomli_w.dumps(plain(cfg.model_dump())))
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        write_scores(folder / SCORES, [row for mode in self.scores for row in self.scores[mode]])
         lora = lora_description(cfg)
         for name, weights in self.method.server_adapters().items():
             save_adapter(weights, folder / "adapters" / "server" / name.replace("/", "_"), **lora)

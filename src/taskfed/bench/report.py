@@ -17,8 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from taskfed.bench import figures
 from taskfed.bench.stats import CLAIMS, Summary, best_baseline, mean_ci, relative_gain
-from taskfed.bench.suite import BASELINES, SWEPT
+from taskfed.bench.paired import Paired, paired
+from taskfed.bench.suite import BASELINES, REFERENCE, SWEPT
 from taskfed.errors import TaskfedError
+from taskfed.evaluation.rows import FILE as SCORES, read_scores
 
 WALL_TIME_HEADING = "## Wall time"
 
@@ -29,6 +31,7 @@ class CellRun:
     method: str  # label (folder)
     seed: int
     metrics: dict
+    folder: Path | None = None  # the cell's run folder (its scores.csv pairs rows with other methods')
 
     @property
     def method_name(self) -> str:
@@ -108,7 +111,8 @@ def collect(folder: Path) -> list[CellRun]:
         except RecursionError:
             raise TaskfedError(f"{path}: unreadable metrics (nested too deep).") from None
         _check_metrics(path, metrics)
-        runs.append(CellRun(path.parent.parent.parent.name, path.parent.parent.name, int(metrics["seed"]), metrics))
+        runs.append(CellRun(path.parent.parent.parent.name, path.parent.parent.name, int(metrics["seed"]), metrics,
+                            path.parent))
     return runs
 
 
@@ -164,6 +168,7 @@ class BenchTables:
         for r in runs:
             self.by_cell[(r.scenario, r.method)].append(r)
         self.names = {(r.scenario, r.method): r.method_name for r in runs}
+        self._rows: dict[tuple[Path, str], list[dict]] = {}  # scores.csv rows of one mode, read once
 
     def methods(self, scenario: str) -> list[str]:
         return _ordered(r.method for r in self.runs if r.scenario == scenario)
@@ -191,6 +196,24 @@ class BenchTables:
 
     def mean_of(self, scenario: str, method: str, fn) -> float:
         return float(np.mean([fn(r.metrics) for r in self.by_cell[(scenario, method)]]))
+
+    def row_scores(self, scenario: str, method: str, mode: str, task: str | None = None) -> dict[tuple, float]:
+        """(seed, client, task, row) -> ROUGE-1 of every row the method's cells scored in `mode` (scores.csv;
+        empty for runs without one)."""
+        out = {}
+        for r in self.by_cell[(scenario, method)]:
+            if r.folder is None or not (r.folder / SCORES).exists():
+                continue
+            if (r.folder, mode) not in self._rows:
+                self._rows[(r.folder, mode)] = [x for x in read_scores(r.folder / SCORES) if x["mode"] == mode]
+            for x in self._rows[(r.folder, mode)]:
+                if task is None or x["task"] == task:
+                    out[(r.seed, x["client"], x["task"], x["row"])] = x["rouge1"]
+        return out
+
+    def paired(self, scenario: str, a: str, b: str, mode: str, task: str | None = None) -> Paired | None:
+        """Method label `a` against `b` on the rows both scored (same seeds, clients, tasks and rows)."""
+        return paired(self.row_scores(scenario, a, mode, task), self.row_scores(scenario, b, mode, task))
 
 
 def _score_table(t: BenchTables, scenario: str) -> list[str]:
@@ -234,7 +257,8 @@ def _gain_table(t: BenchTables, scenario: str) -> list[str]:
 
 
 def _claims(t: BenchTables) -> list[str]:
-    lines = ["| claim | scenario | here | holds here? |", "|---|---|---|---|"]
+    lines = ["| claim | scenario | here (means over seeds) | by the means | paired difference in ROUGE-1 [95% CI] "
+             "| p | verdict |", "|---|---|---|---|---|---|---|"]
     any_row = False
     for claim in CLAIMS:
         for scenario in t.scenarios:
@@ -243,38 +267,80 @@ def _claims(t: BenchTables) -> list[str]:
             if scen_name != claim.scenario or claim.mode not in t.modes(scenario):
                 continue
             for m in [m for m, n in names.items() if n == claim.method]:
-                here, holds = _check(t, scenario, m, claim, names)
+                here, holds, ref = _check(t, scenario, m, claim, names)
                 if here is None:
                     continue
                 any_row = True
-                lines.append(f"| {claim.text} | {scenario} ({claim.mode}) | {m}: {here} | {holds} |")
+                lines.append(f"| {claim.text} | {scenario} ({claim.mode}) | {m}: {here} | {holds} | "
+                             f"{_paired_cells(t, scenario, m, ref, claim)} |")
     return lines if any_row else []
 
 
-def _check(t: BenchTables, scenario: str, m: str, claim, names: dict[str, str]) -> tuple[str | None, str]:
+def _paired_cells(t: BenchTables, scenario: str, m: str, ref: str, claim) -> str:
+    """difference [interval] | p | verdict, paired on the rows both scored; per task for a per-task claim
+    (supported only if every task is, refuted if any is)."""
+    if claim.kind != "per-task":
+        p = t.paired(scenario, m, ref, claim.mode)
+        return "n/a (no per-row scores) | | n/a" if p is None else f"{_diff(p)} vs {ref} | {_p(p.p)} | {p.verdict}"
+    per = {k: t.paired(scenario, m, ref, claim.mode, k) for k in t.tasks(scenario, claim.mode)}
+    if not per or any(p is None for p in per.values()):
+        return "n/a (no per-row scores) | | n/a"
+    words = [p.verdict for p in per.values()]
+    overall = ("refuted" if "refuted" in words else "supported" if all(w == "supported" for w in words)
+               else "inconclusive at this budget")
+    diffs = "; ".join(f"{k} {_diff(p)}" for k, p in per.items())
+    return f"{diffs} vs {ref} | {', '.join(_p(p.p) for p in per.values())} | {overall}"
+
+
+def _diff(p: Paired) -> str:
+    return f"{p.diff:+.4f} [{p.low:+.4f}, {p.high:+.4f}] (n = {p.n})"
+
+
+def _p(p: float) -> str:
+    return f"{p:.3g}" if p >= 1e-3 else "< 0.001"
+
+
+def _check(t: BenchTables, scenario: str, m: str, claim, names: dict[str, str]) -> tuple[str | None, str, str]:
+    """What the seed means say (the figure, the word) and the method label compared against."""
     score = t.score(scenario, m, claim.mode)
     if claim.versus == "best-baseline":
         best = best_baseline({b: t.score(scenario, b, claim.mode).mean for b in names}, t.baselines, names)
         if best is None:
-            return None, ""
+            return None, "", ""
         gain = relative_gain(score.mean, best[1])
         holds = "n/a" if gain is None else ("yes" if gain >= claim.value else ("partly (a gain, smaller)" if gain > 0 else "no"))
-        return f"{_pct(gain)} vs {best[0]}", holds
+        return f"{_pct(gain)} vs {best[0]}", holds, best[0]
     refs = [b for b, n in names.items() if n == claim.versus]
     if not refs:
-        return None, ""
+        return None, "", ""
     ref = refs[0]
     if claim.kind == "per-task":
         tasks = t.tasks(scenario, claim.mode)
         above = sum(t.task_score(scenario, m, claim.mode, k).mean > t.task_score(scenario, ref, claim.mode, k).mean
                     for k in tasks)
-        return f"above {ref} on {above} of {len(tasks)} tasks", "yes" if above == len(tasks) else "no"
+        return f"above {ref} on {above} of {len(tasks)} tasks", "yes" if above == len(tasks) else "no", ref
     other = t.score(scenario, ref, claim.mode)
     gap = score.mean - other.mean
     # "Above" with confidence: the gap exceeds both intervals' half widths combined (a conservative check).
     margin = (score.half_width or 0.0) + (other.half_width or 0.0)
     verdict = "yes" if gap > margin else ("within noise" if gap > 0 else "no")
-    return f"{score.mean:.4f} vs {ref} {other.mean:.4f}", verdict
+    return f"{score.mean:.4f} vs {ref} {other.mean:.4f}", verdict, ref
+
+
+def _reference_table(t: BenchTables, scenario: str) -> list[str]:
+    """Each method's paired gain over the untrained base model, per mode: a method not above it at this
+    budget has not learnt anything these test rows can see."""
+    if REFERENCE not in t.methods(scenario):
+        return []
+    lines = ["| method | mode | paired gain over the base model [95% CI] | p | verdict |", "|---|---|---|---|---|"]
+    for m in t.methods(scenario):
+        if m == REFERENCE:
+            continue
+        for mode in t.modes(scenario):
+            p = t.paired(scenario, m, REFERENCE, mode)
+            if p is not None:
+                lines.append(f"| {m} | {mode} | {_diff(p)} | {_p(p.p)} | {p.verdict} |")
+    return lines if len(lines) > 2 else []
 
 
 def _figures(t: BenchTables, folder: Path) -> list[str]:
@@ -424,10 +490,18 @@ def build_report(folder: Path) -> str:
         gains = _gain_table(t, scenario)
         if gains:
             lines += ["Relative to the best baseline (by mean):", ""] + gains + [""]
+        reference = _reference_table(t, scenario)
+        if reference:
+            lines += ["Against the untrained base model (`base`), paired on the same test rows and seeds:", ""]
+            lines += reference + [""]
     claims = _claims(t)
     if claims:
         lines += ["## The papers' claims at this scale", "",
-                  "\"within noise\": above on the mean but not by more than the confidence intervals.", ""] + claims + [""]
+                  "\"by the means\": the seed means compared (\"within noise\": above on the mean but not by more "
+                  "than the confidence intervals). The paired columns compare the two methods row by row on the "
+                  "same test rows and seeds (scores.csv): the mean difference, a 95% paired bootstrap interval, a "
+                  "sign-flip permutation p-value, and the verdict the interval gives: supported (above zero), "
+                  "refuted (below zero) or inconclusive at this budget.", ""] + claims + [""]
     lines += _accuracies(t)
     lines += _privacy(t, folder)
     lines += ["## Figures", ""] + _figures(t, folder)

@@ -6,6 +6,7 @@ A suite file (TOML):
     name = "quick"
     seeds = [0, 1, 2]
     baselines = ["local", "fedavg", "fedprox", "clustered", "ifca"]   # the default
+    reference = true        # the default: every scenario also runs method "base" (the untrained base model)
 
     [base]                  # a run config without [method]: what every cell shares
     [base.model]
@@ -18,7 +19,7 @@ A suite file (TOML):
     [scenario.config.scenario]
     name = "single"
 
-    [scenario.epsilon_sweep]  # optional: every method also at these epsilons (privacy.<mechanism>)
+    [scenario.epsilon_sweep]  # optional: every method (but one with `sweep = false`, and the reference) also at these epsilons (privacy.<mechanism>)
     mechanism = "centroids"   # or "updates"
     epsilons = [1, 4, 8]      # each a cell labelled <method label>-eps<epsilon>; the plain cell is "off"
     clip = 8.0
@@ -49,6 +50,7 @@ from taskfed.errors import TaskfedError
 
 SUITE_VERSION = 1
 BASELINES = ["local", "fedavg", "fedprox", "clustered", "ifca"]
+REFERENCE = "base"  # the untrained base model's method name: the reference row of every scenario
 # A label is one folder name under --out: letters, digits, '_', '.', '-', not starting with '.' or '-'
 # (so never '', '.', '..', a hidden name or a path).
 LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -102,6 +104,7 @@ class Suite(BaseModel):
     name: str
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     baselines: list[str] = Field(default_factory=lambda: list(BASELINES))
+    reference: bool = True  # a "base" cell (the untrained base model, methods/untrained.py) in every scenario
     base: dict[str, Any] = Field(default_factory=dict)
     scenario: list[ScenarioSpec] = Field(min_length=1)
 
@@ -150,14 +153,18 @@ def cells(suite: Suite, source: str, smoke: bool = False, device: str | None = N
     if "method" in suite.base or "seed" in suite.base:
         raise TaskfedError(f"{source}: [base] may not set 'method' or 'seed' (the suite's grid does).")
     for spec in suite.scenario:
-        for table in spec.methods:
+        methods = list(spec.methods)
+        if suite.reference and not any(m.get("name") == REFERENCE for m in methods):
+            methods.append({"name": REFERENCE, "label": REFERENCE, "sweep": False})
+        for table in methods:
             table = dict(table)
             label = table.pop("label", table.get("name", ""))
+            sweep = table.pop("sweep", True) and spec.epsilon_sweep  # the reference shares nothing to protect
             try:
                 check_label(label, "method label")
             except ValueError as exc:
                 raise TaskfedError(f"{source}, scenario '{spec.label}': {exc}.") from None
-            variants = spec.epsilon_sweep.variants(label) if spec.epsilon_sweep else [(label, {})]
+            variants = sweep.variants(label) if sweep else [(label, {})]
             for label, extra in variants:
                 if (spec.label, label) in seen:
                     raise TaskfedError(f"{source}: scenario '{spec.label}' lists method '{label}' twice "

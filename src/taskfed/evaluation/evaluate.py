@@ -26,6 +26,7 @@ from taskfed.model.bank import AdapterWeights
 from taskfed.runtime import Runtime
 
 MODES = ("local", "global", "unseen")
+METRICS = ("rouge1", "rougeL", "exact_match")
 
 
 def fingerprint(weights: AdapterWeights) -> str:
@@ -45,6 +46,7 @@ class ClientEval:
     generated_tokens: int
     generate_seconds: float
     routed: Routed
+    rows: dict[str, np.ndarray]  # rouge1, rougeL, exact_match of each row, in `routed.tasks` order
 
 
 def evaluate_client(rt: Runtime, method: Method, client: Client, records: list[Record], sent: Downlink,
@@ -81,20 +83,20 @@ def evaluate_client(rt: Runtime, method: Method, client: Client, records: list[R
                 cache[keys[row]] = text
             progress.advance(len(chunk))
     progress.advance(len(records) - len(todo))  # rows whose generation was cached
-    per_task: dict[str, dict] = {}
-    row_scores = []
-    for r, key in zip(records, keys):
-        s = score(cache[key], r.output)
-        row_scores.append(s["rouge1"])
-        entry = per_task.setdefault(r.task, {"n": 0, "rouge1": 0.0, "rougeL": 0.0, "exact_match": 0.0})
-        entry["n"] += 1
-        for m in ("rouge1", "rougeL", "exact_match"):
-            entry[m] += s[m]
-    for entry in per_task.values():
-        for m in ("rouge1", "rougeL", "exact_match"):
-            entry[m] /= entry["n"]
-    routed = Routed(client.id, [r.task for r in records], names, mix, method.eval_facts(client))
-    return ClientEval(float(np.mean(row_scores)), per_task, gen_tokens, gen_seconds, routed)
+    scores = [score(cache[key], r.output) for r, key in zip(records, keys)]
+    rows = {m: np.array([s[m] for s in scores], dtype=np.float64) for m in METRICS}
+    tasks = [r.task for r in records]
+    routed = Routed(client.id, tasks, names, mix, method.eval_facts(client))
+    return ClientEval(float(np.mean(rows["rouge1"])), per_task_means(tasks, rows), gen_tokens, gen_seconds, routed, rows)
+
+
+def per_task_means(tasks: list[str], rows: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """task -> n and the mean of each metric over its rows (the server recomputes it from a node's rows)."""
+    out = {}
+    for t in dict.fromkeys(tasks):
+        mask = np.array([x == t for x in tasks])
+        out[t] = {"n": int(mask.sum()), **{m: float(rows[m][mask].mean()) for m in METRICS}}
+    return out
 
 
 def mode_metrics(method: Method, mode: str, evals: dict[str, ClientEval]) -> dict:

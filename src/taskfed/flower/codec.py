@@ -21,7 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from taskfed.config import RunConfig
 from taskfed.errors import TaskfedError
-from taskfed.evaluation.evaluate import ClientEval
+from taskfed.evaluation.evaluate import METRICS, ClientEval, per_task_means
 from taskfed.methods.base import ALL_ROWS, Downlink, Federation, Job, LocalRef, Routed
 from taskfed.model.bank import AdapterWeights, RowMix
 from taskfed.model.peft_io import check_weights
@@ -311,9 +311,6 @@ def decode_eval_request(content: RecordDict, shapes: Shapes) -> tuple[str, list[
     return ask["mode"], list(ask["tasks"]), Downlink(adapters, arrays)
 
 
-METRICS = ("rouge1", "rougeL", "exact_match")
-
-
 def encode_eval_reply(ev: ClientEval) -> RecordDict:
     tasks = sorted(ev.per_task)
     rec: dict[str, Any] = {"tasks": tasks, "n": [int(ev.per_task[t]["n"]) for t in tasks], "score": float(ev.score),
@@ -322,7 +319,8 @@ def encode_eval_reply(ev: ClientEval) -> RecordDict:
     for m in METRICS:
         rec[m] = [float(ev.per_task[t][m]) for t in tasks]
     mix = {"idx": ev.routed.mix.idx.numpy().astype(np.int64), "w": ev.routed.mix.w.numpy().astype(np.float32)}
-    return RecordDict({"eval": ConfigRecord(rec), "mix": encode_arrays(mix), "facts": encode_arrays(ev.routed.facts)})
+    return RecordDict({"eval": ConfigRecord(rec), "mix": encode_arrays(mix), "facts": encode_arrays(ev.routed.facts),
+                       "rows": encode_arrays({m: np.asarray(ev.rows[m], dtype=np.float64) for m in METRICS})})
 
 
 def _is_list(value: Any, kind: type) -> bool:
@@ -365,10 +363,19 @@ def decode_eval_reply(content: RecordDict, client: str, asked: list[str], where:
             or len(idx) != rows or (idx < 0).any() or (idx >= len(rec["names"])).any()):
         raise TaskfedError(f"{where}: evaluation's mix does not fit its rows and adapter names.")
     facts = decode_arrays(content.array_records.get("facts"), f"{where} (facts)")
-    per_task = {t: {"n": k, **{m: rec[m][i] for m in METRICS}} for i, (t, k) in enumerate(zip(tasks, n))}
+    scores = decode_arrays(content.array_records.get("rows"), f"{where} (rows)")
+    if sorted(scores) != sorted(METRICS) or any(
+            v.ndim != 1 or len(v) != rows or v.dtype.kind != "f" or not np.all((v >= 0) & (v <= 1)) for v in scores.values()):
+        raise TaskfedError(f"{where}: evaluation's per-row scores are missing, of the wrong length, or outside [0, 1].")
+    scores = {m: scores[m].astype(np.float64) for m in METRICS}
+    # The per-task figures are the server's own means of the rows; the node's must agree with them.
+    per_task = per_task_means(list(rec["row_tasks"]), scores)
+    if any(abs(per_task[t][m] - rec[m][i]) > 1e-9 for i, t in enumerate(tasks) for m in METRICS):
+        raise TaskfedError(f"{where}: evaluation's per-task scores disagree with its per-row scores.")
     routed = Routed(client, list(rec["row_tasks"]), list(rec["names"]),
                     RowMix(torch.from_numpy(idx.astype(np.int64)), torch.from_numpy(w.astype(np.float32))), facts)
-    return ClientEval(rec["score"], per_task, rec["generated_tokens"], rec["generate_seconds"], routed)
+    return ClientEval(float(np.mean(scores["rouge1"])), per_task, rec["generated_tokens"], rec["generate_seconds"],
+                      routed, scores)
 
 
 STATS = {"load_seconds": float, "train_seconds": float, "compute_seconds": float, "tokens": int}
