@@ -1,9 +1,11 @@
 """Flower's Deployment Engine on 127.0.0.1: a SuperLink and three SuperNodes with TLS (a throwaway CA made
 here) and SuperNode authentication (each node's public key registered through the Control API before it
-connects); `flwr run` for FedAvg, FedRouter, FedDPA-F and FL-TAC on the tiny model, one after the other on
-the same federation. Each run's metrics.json (training and evaluation on the nodes) must equal the
-in-process run's apart from timings, and its adapters bit for bit. Every process is started and stopped by
-the test, by PID, SIGKILL after a timeout; none may outlive the federation, the nodes' workers included.
+connects); `flwr run` for FedAvg and FL-TAC on the tiny model, one after the other on the same federation.
+Each run's metrics.json (training and evaluation on the nodes) must equal the in-process run's apart from
+timings, and its adapters bit for bit. FedRouter and FedDPA-T are compared with in-process on a SuperLink
+in test_flower_deploy_faults.py, all four methods on the Simulation Engine in test_flower.py (each
+deployment run costs about a minute of the suite). Every process is started and stopped by the test, by
+PID, SIGKILL after a timeout; none may outlive the federation, the nodes' workers included.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import tomli_w
 import torch
 
 from tests.conftest import tiny_config, untimed
-from tests.test_flower import PARITY, config
+from tests.test_flower import config
+
+DEPLOYED = ["fedavg", "fltac"]
 from taskfed.flower import worker
 from taskfed.flower.local import LocalFederation, _alive, _descendants
 from taskfed.model.peft_io import load_adapter
@@ -36,7 +40,7 @@ def deployed(tmp_path_factory):
     seconds = {}
     with fed:
         assert "--enable-supernode-auth" in fed.superlink.args and "--insecure" not in fed.superlink.args
-        for method in PARITY:
+        for method in DEPLOYED:
             (tmp / f"{method}.toml").write_text(tomli_w.dumps(plain(config(method).model_dump())))
             tic = time.monotonic()
             fed.run(ROOT, {"config": str(tmp / f"{method}.toml"), "out": str(tmp / method)},
@@ -60,7 +64,7 @@ def test_no_process_outlives_the_federation(deployed):
     assert not any(_alive(w) for w in workers), "a taskfed worker outlived its SuperNode"
 
 
-@pytest.mark.parametrize("method", PARITY)
+@pytest.mark.parametrize("method", DEPLOYED)
 def test_deployment_equals_in_process(deployed, method):
     tmp = deployed[0]
     metrics = json.loads((tmp / method / "metrics.json").read_text())

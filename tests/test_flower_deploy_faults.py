@@ -11,6 +11,9 @@ authentication, as in test_flower_deploy.py), one federation, two runs of three 
 Node 2 runs with TASKFED_FAULT=node.round-2:hang: it receives round 2's message and never answers, which
 holds the server in round 2 for as long as the test needs (faults.py), so each kill lands where it is meant
 to, whatever the machine's speed.
+
+The two runs also stand for the deployment parity of FedRouter and FedDPA-T against in-process
+(test_flower_deploy.py runs FedAvg and FL-TAC; the Simulation Engine's parity test runs all four).
 """
 
 from __future__ import annotations
@@ -58,8 +61,9 @@ def faults_run(tmp_path_factory):
         run_id = fed.submit(ROOT, run("fedrouter", **{"round-timeout": 300.0, "rejoin-timeout": 180.0}))
         wait_for(tmp / "fedrouter.partial" / "ckpt-00001")  # round 1 checkpointed: node 2 now hangs in round 2
         fed.kill_node(2)
-        fed.wait_node(2, "offline")  # the SuperLink misses its heartbeats; the server drops it from round 2
-        fed.start_node(2, HANG)  # the same key, so the same node id; round 2 is over for it
+        # Offline once the SuperLink misses its heartbeats: the server drops it from round 2. Restarted with
+        # its key (the same node id); its fault is for round 2, which is over for it.
+        fed.restart_node(2, HANG)
         fed.wait(run_id, tmp / "fedrouter" / "metrics.json", timeout=420)
         seen["fedrouter_steps"] = sorted(p.name for p in (tmp / "state").glob("run-*/2/step-*"))
 
@@ -74,7 +78,7 @@ def faults_run(tmp_path_factory):
         seen["partial_after_kill"] = sorted(p.name for p in (tmp / "feddpa-t.partial").glob("ckpt-*"))
         seen["complete_after_kill"] = (tmp / "feddpa-t").exists()
         fed.kill_node(2, graceful=True)  # its worker still hangs on the dead run's message
-        fed.start_node(2)
+        fed.restart_node(2)  # without the fault now
         fed.run(ROOT, run("feddpa-t", resume=True, **{"round-timeout": 300.0}), tmp / "feddpa-t" / "metrics.json",
                 timeout=420)
     return tmp, cfgs, seen

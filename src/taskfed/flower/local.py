@@ -314,6 +314,13 @@ class LocalFederation:
                 raise TaskfedError(f"node {i} is {now or 'unknown'}, not {status}, after {timeout:g} s.")
             time.sleep(1.0)
 
+    def restart_node(self, i: int, env: dict[str, str] | None = None, timeout: float = 120.0) -> None:
+        """SuperNode `i` again after `kill_node`, with its key (so its node id), once the SuperLink lets it
+        back: the same key cannot be activated while the old node still counts as online."""
+        self.wait_node(i, "offline", timeout)
+        self.start_node(i, env)
+        self.wait_node(i, "online", timeout)
+
     def serverapp_pids(self) -> list[int]:
         """The ServerApp processes the SuperLink runs (one per run in progress)."""
         return [p for p in _descendants(self.superlink.pid) if b"flwr-serverapp" in _cmdline(p)]
