@@ -81,8 +81,9 @@ def test_report_aggregates_seeds_and_checks_claims(tmp_path: Path):
 
 
 def _scores_csv(folder: Path, values: list[float]) -> None:
-    rows = [{"mode": "local", "client": "0", "task": "a", "row": i, "adapters": ["global"], "weights": [1.0],
-             "rouge1": v, "rougeL": v, "exact_match": 0.0} for i, v in enumerate(values)]
+    # Two clients answer the same test rows (as in the global mode): one unit per test row, not per client.
+    rows = [{"mode": "local", "client": c, "task": "a", "row": i, "adapters": ["global"], "weights": [1.0],
+             "rouge1": v, "rougeL": v, "exact_match": 0.0} for c in ("0", "1") for i, v in enumerate(values)]
     write_scores(folder / "scores.csv", rows)
 
 

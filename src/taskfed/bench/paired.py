@@ -1,7 +1,8 @@
 """Paired comparisons of two methods scored on the same test rows and seeds.
 
 Every method of a scenario is evaluated on the same rows with the same seeds, so the question "is A above
-B" is one about the per-row differences d = score_A - score_B paired on (seed, mode, client, task, row):
+B" is one about the per-row differences d = score_A - score_B paired on the unit the caller gives (the bench
+report pairs a test row of a seed, its scores averaged over the clients that answered it):
 their mean, a 95% interval from a paired bootstrap over those pairs (scipy.stats.bootstrap, seeded), and a
 two-sided sign-flip permutation p-value (scipy.stats.permutation_test, permutation_type="samples": under
 "no difference" each pair's two scores are exchangeable). The verdict follows from the interval alone:

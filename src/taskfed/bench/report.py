@@ -212,8 +212,16 @@ class BenchTables:
         return out
 
     def paired(self, scenario: str, a: str, b: str, mode: str, task: str | None = None) -> Paired | None:
-        """Method label `a` against `b` on the rows both scored (same seeds, clients, tasks and rows)."""
-        return paired(self.row_scores(scenario, a, mode, task), self.row_scores(scenario, b, mode, task))
+        """Method label `a` against `b` on the rows both scored (same seeds, clients, tasks and rows). The unit
+        resampled is a test row of a seed: in the global mode every client answers the same test rows, often
+        identically (one shared adapter), so (client, row) pairs are not independent; each side's scores of a
+        row are first averaged over the clients both scored it for."""
+        sa, sb = self.row_scores(scenario, a, mode, task), self.row_scores(scenario, b, mode, task)
+        units: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
+        for seed, client, t, row in sorted(set(sa) & set(sb)):
+            units[(seed, t, row)].append((sa[(seed, client, t, row)], sb[(seed, client, t, row)]))
+        return paired({u: float(np.mean([x for x, _ in v])) for u, v in units.items()},
+                      {u: float(np.mean([y for _, y in v])) for u, v in units.items()})
 
 
 def _score_table(t: BenchTables, scenario: str) -> list[str]:
@@ -499,7 +507,8 @@ def build_report(folder: Path) -> str:
         lines += ["## The papers' claims at this scale", "",
                   "\"by the means\": the seed means compared (\"within noise\": above on the mean but not by more "
                   "than the confidence intervals). The paired columns compare the two methods row by row on the "
-                  "same test rows and seeds (scores.csv): the mean difference, a 95% paired bootstrap interval, a "
+                  "same test rows and seeds (scores.csv; n counts test rows x seeds, each row's scores averaged over "
+                  "the clients that answered it): the mean difference, a 95% paired bootstrap interval, a "
                   "sign-flip permutation p-value, and the verdict the interval gives: supported (above zero), "
                   "refuted (below zero) or inconclusive at this budget.", ""] + claims + [""]
     lines += _accuracies(t)
