@@ -250,3 +250,30 @@ def test_report_of_an_empty_folder_is_one_clear_error(tmp_path: Path):
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "no finished runs" in result.output
     assert bench_report.collect(tmp_path) == []
+
+
+def test_evidence_suite_smoke_covers_every_claim_with_paired_rows(tmp_path: Path):
+    """`taskfed bench benchmarks/suites/evidence.toml --smoke`: every cell runs (the base reference in each
+    scenario), per-row scores are kept, the unseen mode is evaluated on the held-out tasks only, and the
+    claims table has a paired row for each claim, the unseen-task one included."""
+    suite = Path(__file__).resolve().parents[1] / "benchmarks" / "suites" / "evidence.toml"
+    out = tmp_path / "ev"
+    result = CliRunner().invoke(app, ["bench", str(suite), "--out", str(out), "--smoke"])
+    assert result.exit_code == 0, result.output
+    for scenario, methods in {"single": ["fedavg", "feddpa-f", "feddpa-t", "base"],
+                              "dual": ["local", "fedavg", "fedrouter", "fltac", "feddpa-f", "base"],
+                              "dirichlet": ["fedavg", "fltac", "base"]}.items():
+        for m in methods:
+            assert (out / scenario / m / "seed-0" / "scores.csv").exists(), (scenario, m)
+    metrics = json.loads((out / "dual" / "fedrouter" / "seed-0" / "metrics.json").read_text())
+    assert set(metrics["eval"]) == {"local", "global", "unseen"}
+    assert all(set(c["per_task"]) == {"glue_qqp", "cola"} for c in metrics["eval"]["unseen"]["per_client"].values())
+    assert all(set(c["per_task"]) == {"snli", "trec", "fix_punct", "web_nlg_en"}
+               for c in metrics["eval"]["global"]["per_client"].values())
+    report = (out / "report.md").read_text()
+    from taskfed.bench.stats import CLAIMS
+
+    for claim in CLAIMS:
+        rows = [line for line in report.splitlines() if line.startswith(f"| {claim.text} |")]
+        assert rows, claim.text
+        assert all(any(w in row for w in ("supported", "refuted", "inconclusive")) for row in rows), rows
