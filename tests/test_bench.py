@@ -16,7 +16,7 @@ import taskfed.run
 from taskfed import faults
 from taskfed.bench import report as bench_report
 from taskfed.bench.report import WALL_TIME_HEADING, build_report
-from taskfed.bench.stats import best_baseline, mean_ci, relative_gain
+from taskfed.bench.stats import CLAIMS, best_baseline, mean_ci, relative_gain
 from taskfed.bench.suite import cells, load_suite, run_bench
 from taskfed.cli import app
 from taskfed.errors import TaskfedError
@@ -260,19 +260,19 @@ def test_evidence_suite_smoke_covers_every_claim_with_paired_rows(tmp_path: Path
     out = tmp_path / "ev"
     result = CliRunner().invoke(app, ["bench", str(suite), "--out", str(out), "--smoke"])
     assert result.exit_code == 0, result.output
-    for scenario, methods in {"single": ["fedavg", "feddpa-f", "feddpa-t", "base"],
-                              "dual": ["local", "fedavg", "fedrouter", "fltac", "feddpa-f", "base"],
-                              "dirichlet": ["fedavg", "fltac", "base"]}.items():
-        for m in methods:
-            assert (out / scenario / m / "seed-0" / "scores.csv").exists(), (scenario, m)
+    grid = cells(load_suite(suite), str(suite), smoke=True)
+    assert {(c.scenario, c.method) for c in grid} == {
+        *(("single", m) for m in ("fedavg", "feddpa-f", "feddpa-t", "base")),
+        *(("dual", m) for m in ("local", "fedavg", "fedrouter", "fltac", "feddpa-f", "base")),
+        *(("dirichlet", m) for m in ("fedavg", "fltac", "base"))}
+    for c in grid:
+        assert (out / c.path / "scores.csv").exists(), c.path
     metrics = json.loads((out / "dual" / "fedrouter" / "seed-0" / "metrics.json").read_text())
     assert set(metrics["eval"]) == {"local", "global", "unseen"}
     assert all(set(c["per_task"]) == {"glue_qqp", "cola"} for c in metrics["eval"]["unseen"]["per_client"].values())
     assert all(set(c["per_task"]) == {"snli", "trec", "fix_punct", "web_nlg_en"}
                for c in metrics["eval"]["global"]["per_client"].values())
     report = (out / "report.md").read_text()
-    from taskfed.bench.stats import CLAIMS
-
     for claim in CLAIMS:
         rows = [line for line in report.splitlines() if line.startswith(f"| {claim.text} |")]
         assert rows, claim.text
