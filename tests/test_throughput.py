@@ -293,3 +293,37 @@ def test_length_buckets_cover_every_row_once_with_bounded_padding():
         if len(b) > 4:
             assert 1 - sum(ls) / (max(ls) * len(ls)) <= 0.25 or b is buckets[-1]
     assert gen.length_buckets([3, 3, 3], min_rows=8) == [[0, 1, 2]]
+
+
+def test_rows_joining_a_running_decode_get_the_tokens_they_get_alone(routed):
+    # Continuous batching (taskfed serve): rows admitted while others decode, on other adapters and mixes of
+    # another width (one-hot rows join two-term rows), leave when done; each row's tokens are plain generate's.
+    rt, prompts, mix = routed
+    assert len(prompts) == 10
+    alone = gen.plain_generate(rt, prompts, mix, 10)
+    eos = rt.tokenizer.eos_token_id
+    dec = gen.Decoder(rt)
+    waves = [[0, 2], [1, 3, 4, 5], [], [6, 7], [8], [9]]  # rows admitted at step s
+    out: dict[int, list[int]] = {}
+    live: list[int] = []
+    widths = []
+    for s in range(40):
+        tokens = dec.step() if live else []
+        new = waves[s] if s < len(waves) else []
+        if new:
+            one_hot = RowMix(mix.idx[new][:, :1], torch.ones(len(new), 1)) if s == 1 else mix.select(torch.tensor(new))
+            if s == 1:  # these rows decode on their first adapter alone: compare with that
+                for i, t in zip(new, gen.plain_generate(rt, [prompts[i] for i in new], one_hot, 10)):
+                    alone[i] = t
+            tokens = tokens + dec.admit([prompts[i] for i in new], one_hot)
+            live = live + new
+        for row, t in zip(live, tokens):
+            out.setdefault(row, []).append(t)
+        keep = [j for j, row in enumerate(live) if out[row][-1] != eos and len(out[row]) < 10]
+        dec.keep(keep)
+        live = [live[j] for j in keep]
+        widths.append(0 if dec.mask is None else dec.mask.shape[1])
+        if not live and s >= len(waves):
+            break
+    assert out == {i: alone[i] for i in range(len(prompts))}
+    assert len(dec) == 0 and max(widths) <= max(len(p) for p in prompts) + 10  # the width stays bounded

@@ -1,4 +1,4 @@
-"""The command line: `taskfed run`, `taskfed demo`, `taskfed bench`, `taskfed report`."""
+"""The command line: `taskfed run`, `taskfed demo`, `taskfed bench`, `taskfed report`, `taskfed serve`."""
 
 from __future__ import annotations
 
@@ -102,6 +102,40 @@ def report(folder: Path = typer.Argument(..., help="A bench folder.")) -> None:
     with guarded():
         path = write_report(folder)
     say("done", "green", str(path))
+
+
+@app.command()
+def serve(
+    run_dir: Path = typer.Argument(..., help="A run folder (taskfed run's --out)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback unless told otherwise)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TASKFED_API_KEY",
+                                          help="Require Authorization: Bearer KEY (or set TASKFED_API_KEY)."),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Rows decoded together at most (1: no batching)."),
+    max_queue: int = typer.Option(256, "--max-queue", min=1, help="Requests waiting at most; more get 429."),
+    max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="The cap on a request's max_tokens."),
+    max_body: int = typer.Option(1 << 20, "--max-body", min=1, help="Request body limit in bytes."),
+    timeout: float = typer.Option(120.0, "--timeout", min=0.001, help="Seconds a request may take, queueing included."),
+    max_distance: Optional[float] = typer.Option(None, "--max-distance", min=0.0,
+                                                 help="Abstain: an input farther than this from its nearest centroid "
+                                                      "goes to --fallback."),
+    fallback: str = typer.Option("base", "--fallback", help="What answers an abstained input: base or an adapter (global)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda[:n]; default: the run's."),
+    ssl_certfile: Optional[str] = typer.Option(None, "--ssl-certfile", help="TLS certificate (PEM)."),
+    ssl_keyfile: Optional[str] = typer.Option(None, "--ssl-keyfile", help="TLS private key (PEM)."),
+) -> None:
+    """Serve a trained run: its adapters and router behind an OpenAI-compatible API, batched (docs in README)."""
+    with guarded():
+        if bool(ssl_certfile) != bool(ssl_keyfile):
+            from taskfed.errors import TaskfedError
+
+            raise TaskfedError("--ssl-certfile and --ssl-keyfile go together: give both for TLS, or neither.")
+        from taskfed.serve.api import Limits, serve as serve_run
+
+        serve_run(run_dir, host=host, port=port, limits=Limits(api_key=api_key or None, max_tokens=max_tokens,
+                                                                 max_body=max_body, timeout=timeout),
+                  max_batch=max_batch, max_queue=max_queue, max_distance=max_distance, fallback=fallback, device=device,
+                  ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, log=_log)
 
 
 from taskfed.flower.cli import app as flower_app  # noqa: E402  (imports flwr only when a command runs)

@@ -39,6 +39,7 @@ from taskfed.methods import build_method
 from taskfed.methods.base import Federation, Method
 from taskfed.model.peft_io import save_adapter
 from taskfed.population import sample_clients
+from taskfed.routing import write_router
 from taskfed.runfolder import check_out, discard, finish_out, plain, prepare_out
 
 
@@ -305,10 +306,26 @@ class Driver:
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         write_scores(folder / SCORES, [row for mode in self.scores for row in self.scores[mode]])
         lora = lora_description(cfg)
+        adapters = {}  # every adapter's serving name -> its folder (router.json)
         for name, weights in self.method.server_adapters().items():
-            save_adapter(weights, folder / "adapters" / "server" / name.replace("/", "_"), **lora)
-        self.engine.save_client_adapters(folder, lora)
+            adapters[name] = f"adapters/server/{name.replace('/', '_')}"
+            save_adapter(weights, folder / adapters[name], **lora)
+        for (cid, name), rel in self.engine.save_client_adapters(folder, lora).items():
+            adapters[f"{name}@{cid}"] = rel
+        self.write_router(folder, adapters)
         (folder / "report.md").write_text(run_report(metrics))
+
+    def write_router(self, folder: Path, adapters: dict[str, str]) -> None:
+        """router.json + router.safetensors (taskfed/routing.py): the method's router, from its server state."""
+        cfg = self.cfg
+        state = self.method.router_state()
+        if state.kind == "nearest" and privacy.centroids_on(cfg):  # the router clips inputs as the run did
+            state.clip = cfg.privacy.centroids.clip
+        meta = {"method": cfg.method_name, "run": self.fed.run, "rounds": len(self.rounds), "seed": cfg.seed,
+                "base_model": cfg.model.name, "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha,
+                                                       "target_modules": list(cfg.lora.target_modules)},
+                "template": cfg.data.template, "max_length": cfg.data.max_length, "clients": list(self.fed.clients)}
+        write_router(folder, state, meta, adapters)
 
 
 def _faulted(results, point: str):

@@ -71,13 +71,17 @@ class Runtime:
 
     # ----------------------------------------------------------------- slots
     def ensure_slots(self, n: int) -> None:
-        """Grows the bank's scratch slots; their content is rewritten by every user anyway."""
+        """Grows the bank to `n` slots at least; the slots it had keep their adapters (a server swapping runs
+        in serves the old slots' requests while it loads the new ones), new slots are zero (no adapter)."""
         if n <= self.bank.n_slots:
             return
+        old = self.bank.n_slots
         self.bank.n_slots = n
         for layer in self.bank.layers.values():
-            layer.lora_A = torch.nn.Parameter(layer.lora_A.new_zeros((n, *layer.lora_A.shape[1:])))
-            layer.lora_B = torch.nn.Parameter(layer.lora_B.new_zeros((n, *layer.lora_B.shape[1:])))
+            for key in ("lora_A", "lora_B"):
+                grown = getattr(layer, key).new_zeros((n, *getattr(layer, key).shape[1:]))
+                grown[:old] = getattr(layer, key).detach()
+                setattr(layer, key, torch.nn.Parameter(grown, requires_grad=getattr(layer, key).requires_grad))
 
     def load_slots(self, adapters: list[AdapterWeights]) -> None:
         self.ensure_slots(len(adapters))

@@ -12,7 +12,8 @@ server side what crosses the line, counted in bytes:
     stream(round, jobs)           -> the round's results in plan order, lazily, and the round's stats
     evaluate(mode, asks, downlink)-> per client a ClientEval (scores per task, the routing it used), and
                                      why each client that gave none usable is out
-    save_client_adapters(folder)  -> the client-owned adapters, where the engine keeps them
+    save_client_adapters(folder)  -> the client-owned adapters, where the engine keeps them: (client, name) ->
+                                     folder, relative to `folder` (none where the nodes keep them)
     client_state()                -> the clients' stores for the driver's checkpoint, or None where the
                                      clients keep their own (a Flower node commits its store per round)
     restore_clients(state, where) -> the clients as at a checkpoint
@@ -73,7 +74,7 @@ class Engine(Protocol):
 
     def evaluate(self, mode: str, asks: dict[str, list[str]], downlink: Callable[[str], Downlink]) -> tuple[dict, dict[str, str]]: ...
 
-    def save_client_adapters(self, folder, lora: dict) -> None: ...
+    def save_client_adapters(self, folder, lora: dict) -> dict[tuple[str, str], str]: ...
 
     def client_state(self) -> dict | None: ...
 

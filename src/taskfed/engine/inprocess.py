@@ -241,8 +241,13 @@ class InProcessEngine:
                                            self.budgets(), self.gen_cache)
         return out, {}
 
-    def save_client_adapters(self, folder: Path, lora: dict) -> None:
-        """Client-owned adapters (never sent to the server) under adapters/clients/<id>/ in the run folder."""
+    def save_client_adapters(self, folder: Path, lora: dict) -> dict[tuple[str, str], str]:
+        """Client-owned adapters (never sent to the server) under adapters/clients/<id>/ in the run folder;
+        returns where each (client, adapter name) went, relative to `folder`."""
+        where = {}
         for cid, client in sorted(self.clients.items()):
             for name, weights in self.client_side.client_adapters(client).items():
-                save_adapter(weights, Path(folder) / "adapters" / "clients" / cid / name.replace("/", "_"), **lora)
+                rel = f"adapters/clients/{cid}/{name.replace('/', '_')}"
+                save_adapter(weights, Path(folder) / rel, **lora)
+                where[(cid, name)] = rel
+        return where

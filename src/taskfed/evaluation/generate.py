@@ -102,24 +102,120 @@ def static_generate(rt: Runtime, prompts: list[list[int]], mix: RowMix, max_new_
     return _trim(out[:, width:].cpu(), rt.tokenizer.eos_token_id)
 
 
-@torch.no_grad()
+class Decoder:
+    """Greedy decoding of a changing set of rows on one dynamic KV cache: `admit` prefills new rows (which
+    then decode with the rest: continuous batching), `step` gives every live row its next token, `keep`
+    lets finished rows leave (their cache, mask and mix with them). The CPU decoder below admits once and
+    drains; `taskfed serve` admits new requests between steps. Row order: admission order, as `keep` left it.
+
+    Rows of different widths share the cache by left padding: a joining batch and the running one are padded
+    on the left to the wider of the two (masked, so no row attends to another's padding), and the columns
+    that no live row attends to any more are cut off when rows leave, so the width never grows past the
+    longest live row."""
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self.cache: DynamicCache | None = None
+        self.mask = self.last = self.nxt = None  # batch x width; batch x 1 positions; batch next tokens
+        self.mix: RowMix | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.nxt is None else len(self.nxt)
+
+    @torch.no_grad()
+    def admit(self, prompts: list[list[int]], mix: RowMix) -> list[int]:
+        """Prefills `prompts` (row i under mix row i) and returns each one's first new token."""
+        model, dev = self.rt.model, self.rt.device
+        ids, mask = left_pad(prompts, self.rt.tokenizer.pad_token_id)
+        ids, mask = ids.to(dev), mask.to(dev)
+        # Position ids as transformers' generate makes them: counted from each row's first real token.
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        cache = DynamicCache(config=model.config)
+        with self.rt.bank.mixing(mix):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                           use_cache=True, logits_to_keep=1).logits
+        nxt = logits[:, -1].float().argmax(-1)
+        if self.cache is None:
+            self.cache, self.mask, self.last, self.nxt, self.mix = cache, mask, positions[:, -1:], nxt, mix
+        else:
+            self._join(cache, mask, positions[:, -1:], nxt, mix)
+        return nxt.tolist()
+
+    @torch.no_grad()
+    def step(self) -> list[int]:
+        """One greedy token for every live row, from the token it produced last."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self), 1)], dim=1)
+        self.last = self.last + 1
+        with self.rt.bank.mixing(self.mix):
+            logits = self.rt.model(input_ids=self.nxt.unsqueeze(1), attention_mask=self.mask, position_ids=self.last,
+                                   cache=self.cache, use_cache=True).logits
+        self.nxt = logits[:, -1].float().argmax(-1)
+        return self.nxt.tolist()
+
+    def keep(self, rows: list[int]) -> None:
+        """Only `rows` (positions in the live order) stay."""
+        if len(rows) == len(self):
+            return
+        if not rows:
+            self.cache = self.mask = self.last = self.nxt = self.mix = None
+            return
+        sel = torch.tensor(rows, device=self.rt.device)
+        self.cache.batch_select_indices(sel)
+        self.mask, self.last, self.nxt = self.mask[sel], self.last[sel], self.nxt[sel]
+        self.mix = self.mix.select(torch.tensor(rows))
+        cut = int((self.mask.sum(0) > 0).nonzero()[0])  # leading columns nobody attends to any more
+        if cut:
+            self.mask = self.mask[:, cut:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]
+
+    def _join(self, cache: DynamicCache, mask: torch.Tensor, last: torch.Tensor, nxt: torch.Tensor, mix: RowMix) -> None:
+        width = max(self.mask.shape[1], mask.shape[1])
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:  # zeros on the left of dimension `dim`, to `width`
+            short = width - t.shape[dim]
+            if not short:
+                return t
+            shape = list(t.shape)
+            shape[dim] = short
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([pad(mine.keys, 2), pad(theirs.keys, 2)])
+            mine.values = torch.cat([pad(mine.values, 2), pad(theirs.values, 2)])
+        self.mask = torch.cat([pad(self.mask, 1), pad(mask, 1)])
+        self.last, self.nxt = torch.cat([self.last, last]), torch.cat([self.nxt, nxt])
+        self.mix = join_mixes(self.mix, mix)
+
+
+def join_mixes(a: RowMix, b: RowMix) -> RowMix:
+    """The rows of `a` then those of `b`; the one with fewer terms gets weight-0 terms on slot 0, which add
+    an exact zero to every layer's output."""
+    k = max(a.idx.shape[1], b.idx.shape[1])
+
+    def widen(m: RowMix) -> RowMix:
+        extra = k - m.idx.shape[1]
+        if not extra:
+            return m
+        det = None if m.detached is None else torch.cat([m.detached, m.detached.new_zeros(len(m.idx), extra)], 1)
+        return RowMix(torch.cat([m.idx, m.idx.new_zeros(len(m.idx), extra)], 1),
+                      torch.cat([m.w, m.w.new_zeros(len(m.w), extra)], 1), det)
+
+    a, b = widen(a), widen(b)
+    det = None
+    if a.detached is not None or b.detached is not None:
+        det = torch.cat([torch.zeros_like(m.idx, dtype=torch.bool) if m.detached is None else m.detached for m in (a, b)])
+    return RowMix(torch.cat([a.idx, b.idx]), torch.cat([a.w, b.w]), det)
+
+
 def shrinking_generate(rt: Runtime, prompts: list[list[int]], mix: RowMix, max_new_tokens: int) -> list[list[int]]:
     """The CPU decoder: greedy steps on a dynamic cache; a row that emits EOS leaves the batch."""
-    eos, model, dev = rt.tokenizer.eos_token_id, rt.model, rt.device
-    ids, mask = left_pad(prompts, rt.tokenizer.pad_token_id)
-    ids, mask = ids.to(dev), mask.to(dev)
-    # Position ids as transformers' generate makes them: counted from each row's first real token.
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    cache = DynamicCache(config=model.config)
+    eos = rt.tokenizer.eos_token_id
+    dec = Decoder(rt)
     out: list[list[int]] = [[] for _ in prompts]
     live = list(range(len(prompts)))
-    with rt.bank.mixing(mix):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                       use_cache=True, logits_to_keep=1).logits
-    last = positions[:, -1:]
+    tokens = dec.admit(prompts, mix)
     for step in range(max_new_tokens):
-        nxt = logits[:, -1].float().argmax(-1)
-        tokens = nxt.tolist()
         for row, t in zip(live, tokens):
             out[row].append(t)
         if step == max_new_tokens - 1:
@@ -127,17 +223,9 @@ def shrinking_generate(rt: Runtime, prompts: list[list[int]], mix: RowMix, max_n
         keep = [i for i, t in enumerate(tokens) if t != eos]
         if not keep:
             break
-        if len(keep) < len(live):  # finished rows leave: their cache, mask and mix with them
-            sel = torch.tensor(keep, device=dev)
-            cache.batch_select_indices(sel)
-            nxt, mask, last = nxt[sel], mask[sel], last[sel]
-            mix = mix.select(torch.tensor(keep))
-            live = [live[i] for i in keep]
-        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-        last = last + 1
-        with rt.bank.mixing(mix):
-            logits = model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=last,
-                           cache=cache, use_cache=True).logits
+        dec.keep(keep)
+        live = [live[i] for i in keep]
+        tokens = dec.step()
     return out
 
 

@@ -193,9 +193,10 @@ class FlowerEngine:
     def restore_clients(self, state: None, where) -> None:
         """Nothing to send: each node loads the step a message starts from, or refuses when it lacks it."""
 
-    def save_client_adapters(self, folder: Path, lora: dict) -> None:
+    def save_client_adapters(self, folder: Path, lora: dict) -> dict[tuple[str, str], str]:
         """Client-owned adapters stay on the nodes (each writes its own beside its store after the last
         round, in the run folder's layout): nothing of them reaches the server."""
+        return {}
 
     # ----------------------------------------------------------------- a round
     def rejoin(self) -> None:

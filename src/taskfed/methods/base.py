@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict
 from taskfed.data.records import Record
 from taskfed.model.bank import AdapterWeights, RowMix
 from taskfed.privacy import contributor_weight, noised
+from taskfed.routing import RouterState
 
 
 class NoParams(BaseModel):
@@ -186,6 +187,11 @@ class Method:
     def server_adapters(self) -> dict[str, AdapterWeights]:
         """The adapters the server holds at the end (saved in the run folder)."""
         return {}
+
+    def router_state(self) -> RouterState:
+        """How the trained result routes an input (routing.py; what `taskfed serve` loads), from the server
+        state only. Default: no router, every input to the first server adapter (none: the client's own)."""
+        return RouterState("one", adapters=list(self.server_adapters())[:1])
 
     # The server side's whole state is its attributes but the two it is built from (the config's params
     # and the federation's facts): a checkpoint keeps every adapter, centroid, binding and group that a

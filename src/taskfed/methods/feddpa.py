@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from taskfed.data.records import Record
 from taskfed.methods.base import Client, Downlink, Job, LocalRef, Method, RunningMean
 from taskfed.model.bank import AdapterWeights, RowMix
+from taskfed.routing import RouterState
 
 LOCAL = "feddpa_local"  # the client's store key of its local adapter
 
@@ -103,6 +104,14 @@ class _FedDPA(Method):
 
     def server_adapters(self) -> dict[str, AdapterWeights]:
         return {"global": self.global_adapter}
+
+    def router_state(self) -> RouterState:
+        """The instance-wise mix as served: global + the named client's local adapter, with the weighting's
+        parameters; s(x) needs the client's reference states (exported only where the client allows)."""
+        p = self.params
+        return RouterState("mix", adapters=["global"], params={
+            "weighting": p.weighting, "w_max": p.w_max, "w_fixed": p.w_fixed, "k": p.k, "references": p.references,
+            "h_text": p.h_text, "seed": self.fed.seed})
 
     # ------------------------------------------------------------------ client side
     def _local(self, client: Client) -> AdapterWeights:

@@ -65,6 +65,7 @@ from taskfed.data.records import Record
 from taskfed.errors import TaskfedError
 from taskfed.methods.base import Client, Downlink, Job, Method, Result, Routed, check_centroids, group_means, label_rows
 from taskfed.model.bank import AdapterWeights, RowMix
+from taskfed.routing import RouterState
 
 LABELS = "fedrouter_labels"  # client store: local cluster label per training row (int array)
 CENTROIDS = "fedrouter_centroids"  # client store: local centroids (n_local x d)
@@ -243,6 +244,15 @@ class FedRouter(Method):
         return {f"cluster/{g}": w for g, w in enumerate(self.adapters)}
 
     # ================================================================== 5. router (client)
+    def router_state(self) -> RouterState:
+        """The router as served: the global centroids G, each bound to its cluster's adapter, at the run's
+        embedding depth; under `router = "local"` each client's allowed clusters (its bindings). The oracle
+        router needs true labels, which a served input does not have: it serves the nearest centroid."""
+        clients = ({c: sorted(int(g) for g in np.unique(b)) for c, b in self.binding.items()}
+                   if self.params.router == "local" else {})
+        return RouterState("nearest", adapters=[f"cluster/{g}" for g in range(self.n_global)],
+                           centroids=self.centroids, embed_layers=self.params.embed_layers, clients=clients)
+
     def downlink(self, client_id: str) -> Downlink:
         """What the server sends a client for evaluation: every global cluster's adapter, and as arrays the
         global centroids, the global cluster bound to each of the client's local clusters, and (oracle

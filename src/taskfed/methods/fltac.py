@@ -47,6 +47,7 @@ from taskfed.data.records import Record
 from taskfed.errors import TaskfedError
 from taskfed.methods.base import Client, Downlink, Job, Method, Result, Routed, check_centroids, label_rows
 from taskfed.model.bank import AdapterWeights, RowMix
+from taskfed.routing import RouterState
 
 TASKS = "fltac_tasks"  # client store: the client's task names; position = the opaque local index
 INDEX = "fltac_task_index"  # client store: local task index of each training row (int array)
@@ -142,6 +143,13 @@ class FLTAC(Method):
 
     def server_adapters(self) -> dict[str, AdapterWeights]:
         return {f"cluster/{g}": w for g, w in enumerate(self.cluster_adapters)}
+
+    def router_state(self) -> RouterState:
+        """The router as served: an input without a task label goes to the nearest final cluster centroid."""
+        if self.router_centroids is None:
+            return RouterState("one", adapters=list(self.server_adapters())[:1])
+        return RouterState("nearest", adapters=[f"cluster/{g}" for g in range(len(self.cluster_adapters))],
+                           centroids=self.router_centroids)
 
     def downlink(self, client_id: str) -> Downlink:
         """The client's own task adapters (as clustered last) and, for its router, the final K cluster
