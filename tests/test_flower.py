@@ -26,6 +26,7 @@ from taskfed.flower.codec import (check_results, decode_adapter, decode_config, 
 from taskfed.flower.server import Options, serve
 from taskfed.flower.store import load_store, save_store
 from taskfed.methods.base import Job, LocalRef, label_rows, task_rows
+from taskfed.routing import read_router
 from taskfed.model.peft_io import load_adapter
 from taskfed.run import Experiment
 
@@ -234,7 +235,15 @@ def test_simulation_equals_in_process(simulated, method, tmp_path):
         got = saved(root / method, name)
         assert all(torch.equal(got[k], weights[k]) for k in weights), f"{method} {name} differs from in-process"
     assert sorted(p.name for p in (root / method).iterdir()) == ["adapters", "config.toml", "metrics.json", "report.md",
-                                                               "scores.csv"]
+                                                               "router.json", "router.safetensors", "scores.csv"]
+    # The router as served (routing.py) is the in-process run's: the same state, the same server adapters
+    # (client-owned adapters stay on the nodes; the run id is random per run).
+    doc_f, state_f = read_router(root / method)
+    doc_i, state_i = read_router(tmp_path / "in-process")
+    server = lambda doc: {k: v for k, v in doc["adapters"].items() if "@" not in k}  # noqa: E731
+    assert {k: v for k, v in doc_f.items() if k not in ("run", "adapters")} == {k: v for k, v in doc_i.items() if k not in ("run", "adapters")}
+    assert server(doc_f) == server(doc_i) == doc_f["adapters"] and state_f.kind == state_i.kind
+    assert (state_f.centroids is None and state_i.centroids is None) or np.array_equal(state_f.centroids, state_i.centroids)
     # Every row's scores and mix, as the nodes computed them: what the in-process run computed.
     assert read_scores(root / method / "scores.csv") == read_scores(tmp_path / "in-process" / "scores.csv")
     assert all("dropped" not in r for r in metrics[method]["rounds"])
@@ -283,7 +292,7 @@ def test_flower_simulate_cli_writes_the_run_folder_taskfed_run_writes(tmp_path, 
                           env={**__import__("os").environ, "TASKFED_CACHE": str(tmp_path / "cache")})
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["adapters", "config.toml", "metrics.json", "report.md",
-                                                     "scores.csv"]
+                                                     "router.json", "router.safetensors", "scores.csv"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["engine"] == "flower" and set(metrics["eval"]) == {"local", "global"}
     assert "local " in done.stdout and "run folder" in done.stdout
