@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from scipy.spatial.distance import cdist
 
-from taskfed.clustering import nearest
 from taskfed.errors import TaskfedError
 from taskfed.privacy import clip_rows
 
@@ -56,10 +56,11 @@ class RouterState:
         if self.clip is not None:
             x = clip_rows(x, self.clip)
         allowed = np.array(self.clients[client]) if client is not None and client in self.clients else np.arange(len(self.centroids))
-        dist = np.sqrt(((x[:, None, :] - self.centroids[None, :, :]) ** 2).sum(-1))
-        masked = np.full_like(dist, np.inf)
-        masked[:, allowed] = dist[:, allowed]
-        chosen = allowed[nearest(x, self.centroids[allowed])] if len(x) else np.zeros(0, dtype=int)
+        # One distance matrix for both answers; argmin over the allowed columns (the others inf) is what
+        # clustering.nearest over the allowed centroids picks, ties to the lower index included.
+        masked = np.full((len(x), len(self.centroids)), np.inf)
+        masked[:, allowed] = cdist(x, np.asarray(self.centroids, dtype=np.float64))[:, allowed]
+        chosen = masked.argmin(axis=1) if len(x) else np.zeros(0, dtype=int)
         return [int(g) for g in chosen], masked
 
 

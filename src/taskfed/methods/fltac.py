@@ -146,8 +146,8 @@ class FLTAC(Method):
 
     def router_state(self) -> RouterState:
         """The router as served: an input without a task label goes to the nearest final cluster centroid."""
-        if self.router_centroids is None:
-            return RouterState("one", adapters=list(self.server_adapters())[:1])
+        if self.router_centroids is None:  # no round of clustering yet: the default, no router
+            return super().router_state()
         return RouterState("nearest", adapters=[f"cluster/{g}" for g in range(len(self.cluster_adapters))],
                            centroids=self.router_centroids)
 
