@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,21 @@ from taskfed.runtime import Runtime
 ROOT = Path(__file__).resolve().parents[1]
 FLAN = (ROOT / ".." / "shared" / "data" / "flan-feddpa" / "dataset1").resolve()
 
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (pyproject's addopts: two workers, one test file per worker at a time): each worker
+    gets a temporary folder of its own, so the Flower workers' socket folder (worker.home(), which tests
+    count processes in) is not shared, and one torch thread, so two workers do not fight over two cores."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        tmp = Path(tempfile.gettempdir()) / f"taskfed-tests-{os.getuid()}-{worker}"
+        tmp.mkdir(mode=0o700, exist_ok=True)
+        os.environ["TMPDIR"] = str(tmp)  # subprocesses (nodes, workers, CLI runs) inherit it
+        tempfile.tempdir = None
+        # One thread here and in every subprocess: a test comparing a subprocess's floats with this
+        # process's needs the same thread count on both sides.
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def tiny_config(*overrides: str, **kw) -> RunConfig:

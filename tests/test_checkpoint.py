@@ -83,7 +83,10 @@ def killed_at(method: str, out: Path, point: str, *extra: str) -> subprocess.Com
 @pytest.mark.parametrize("method", ["fedavg", "fedrouter-dual", "feddpa-t", "fltac"])
 def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path, reference, method):
     want = reference(method)
-    for point in KILL_POINTS:
+    # Every kill point for the methods of the checkpoint's mechanics (fedavg, FedRouter's client state); the
+    # dearer runs are killed mid-round only, the point where their own state (local adapters, task clusters)
+    # must have been checkpointed.
+    for point in KILL_POINTS if method in ("fedavg", "fedrouter-dual") else ["round-2.aggregate"]:
         out = tmp_path / point.replace("@", "-")
         killed_at(method, out, point)
         assert not out.exists() and list(Checkpoints(out, {}).steps()), f"{point}: no checkpoint kept"

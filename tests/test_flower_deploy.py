@@ -1,6 +1,7 @@
 """Flower's Deployment Engine on 127.0.0.1: a SuperLink and three SuperNodes with TLS (a throwaway CA made
 here) and SuperNode authentication (each node's public key registered through the Control API before it
-connects); `flwr run` for FedAvg and FL-TAC on the tiny model, one after the other on the same federation.
+connects); `flwr run` for FedAvg and FL-TAC on the tiny model, one after the other on the same federation,
+FL-TAC with both privacy mechanisms on (noisy centroids from the nodes, clipped uploads, the server's noise).
 Each run's metrics.json (training and evaluation on the nodes) must equal the in-process run's apart from
 timings, and its adapters bit for bit. FedRouter and FedDPA-T are compared with in-process on a SuperLink
 in test_flower_deploy_faults.py, all four methods on the Simulation Engine in test_flower.py (each
@@ -18,17 +19,18 @@ import pytest
 import tomli_w
 import torch
 
-from tests.conftest import tiny_config, untimed
-from tests.test_flower import config
-
-DEPLOYED = ["fedavg", "fltac"]
 from taskfed.flower import worker
 from taskfed.flower.local import LocalFederation, _alive, _descendants
 from taskfed.model.peft_io import load_adapter
 from taskfed.run import Experiment
 from taskfed.runfolder import plain
+from tests.conftest import untimed
+from tests.test_flower import config
 
 ROOT = Path(__file__).resolve().parents[1]
+DEPLOYED = ["fedavg", "fltac"]
+PRIVATE = {"fltac": ["privacy.centroids.clip=4", "privacy.centroids.epsilon=8", "privacy.updates.clip=1e-4",
+                     "privacy.updates.noise_multiplier=1.0"]}  # the clip binds: AdamW moves more than 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,7 @@ def deployed(tmp_path_factory):
     with fed:
         assert "--enable-supernode-auth" in fed.superlink.args and "--insecure" not in fed.superlink.args
         for method in DEPLOYED:
-            (tmp / f"{method}.toml").write_text(tomli_w.dumps(plain(config(method).model_dump())))
+            (tmp / f"{method}.toml").write_text(tomli_w.dumps(plain(config(method, *PRIVATE.get(method, [])).model_dump())))
             tic = time.monotonic()
             fed.run(ROOT, {"config": str(tmp / f"{method}.toml"), "out": str(tmp / method)},
                     tmp / method / "metrics.json", timeout=420)
@@ -72,10 +74,11 @@ def test_deployment_equals_in_process(deployed, method):
     assert [r["round"] for r in metrics["rounds"]] == list(range(len(metrics["rounds"])))
     assert all("dropped" not in r for r in metrics["rounds"]) and set(metrics["eval"]) == {"local", "global"}
     assert all(r["node_load_seconds"] < 1.0 for r in metrics["rounds"])  # the worker kept the model loaded
+    assert ("privacy" in metrics) == (method in PRIVATE)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the nodes ran with OMP_NUM_THREADS=1: the same float sums
     try:
-        ex = Experiment(config(method))
+        ex = Experiment(config(method, *PRIVATE.get(method, [])))
         want = ex.run()
     finally:
         torch.set_num_threads(threads)

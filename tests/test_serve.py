@@ -27,7 +27,7 @@ from taskfed.population import population
 from taskfed.run import run_experiment
 from taskfed.serve import batcher as batcher_mod
 from taskfed.serve.api import Limits, build_server
-from taskfed.serve.run import ServedRun
+from taskfed.serve.run import BadRequest, ServedRun
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +42,7 @@ def runs(tmp_path_factory, tiny_runtime_factory):
         "fedrouter-b": tiny_config("method.name=fedrouter", "scenario.name=dual", "seed=1", *PLAIN),
         "fltac": tiny_config("method.name=fltac", "scenario.name=dual", *PLAIN),
         "feddpa-f": tiny_config("method.name=feddpa-f", "method.weighting=fixed", "method.w_fixed=0.3", *PLAIN),
+        "feddpa-f-auto": tiny_config("method.name=feddpa-f", "method.export_references=true", *PLAIN),
     }
     for name, cfg in cfgs.items():
         run_experiment(cfg, tmp / name, rt=tiny_runtime_factory(cfg))
@@ -260,6 +261,38 @@ def test_feddpa_auto_at_client_mixes_global_and_that_clients_local_adapter(runs,
         assert no_client.status_code == 400 and "auto@" in no_client.json()["error"]["message"]
     finally:
         srv.close()
+
+
+def test_feddpa_auto_at_client_weighs_each_input_as_the_run_did_from_the_exported_references(runs, tiny_runtime_factory):
+    tmp, cfgs = runs
+    folder = tmp / "feddpa-f-auto"
+    pop = population(cfgs["feddpa-f-auto"])
+    run = ServedRun(folder)
+    hidden = tiny_runtime_factory(cfgs["feddpa-f-auto"]).model.config.hidden_size
+    # h of every training instruction, per client, in its row order; no text leaves with them.
+    assert {c: tuple(h.shape) for c, h in run.references.items()} == {
+        c: (len(client.records), hidden) for c, client in pop.clients.items()}
+    assert all(torch.allclose(h.norm(dim=1), torch.ones(len(h), dtype=torch.float64)) for h in run.references.values())
+    assert not ServedRun(tmp / "feddpa-f").references  # export_references is off by default
+    srv = Running(folder, tiny_runtime_factory(cfgs["feddpa-f-auto"]))
+    try:
+        rows = [r for r in read_scores(folder / "scores.csv") if r["mode"] == "global" and r["client"] == "1"]
+        rows = rows[::max(1, len(rows) // 5)]  # about 5 rows, over the tasks
+        weights = set()
+        for r in rows:
+            instruction = pop.test_by_task[r["task"]][r["row"]].instruction
+            got = complete(srv.url, {"model": "auto@1", "prompt": instruction, "max_tokens": 8}).json()
+            assert got["taskfed"]["adapters"] == ["global", "local@1"]
+            assert got["taskfed"]["weights"] == pytest.approx(r["weights"], abs=2e-6), (r["task"], r["row"])
+            mix = dict(zip(["global", "local@1"], r["weights"]))
+            assert got["choices"][0]["text"].strip() == offline(srv, instruction, mix, 8)
+            weights.add(round(r["weights"][1], 4))
+        assert len(weights) > 1  # the weight does vary per input
+    finally:
+        srv.close()
+    run.references.pop("1")  # a client that did not give its reference states
+    with pytest.raises(BadRequest, match="export_references"):
+        run.ask("auto@1", None)
 
 
 def test_abstain_sends_far_inputs_to_the_fallback(runs, tiny_runtime_factory):

@@ -310,12 +310,16 @@ class Driver:
         for name, weights in self.method.server_adapters().items():
             adapters[name] = f"adapters/server/{name.replace('/', '_')}"
             save_adapter(weights, folder / adapters[name], **lora)
-        for (cid, name), rel in self.engine.save_client_adapters(folder, lora).items():
+        files = self.engine.save_client_files(folder, lora)
+        for (cid, name), rel in files.adapters.items():
             adapters[f"{name}@{cid}"] = rel
-        self.write_router(folder, adapters)
+        arrays: dict[str, dict[str, str]] = {}  # array name -> client -> file (router.json)
+        for (cid, name), rel in files.arrays.items():
+            arrays.setdefault(name, {})[cid] = rel
+        self.write_router(folder, adapters, arrays)
         (folder / "report.md").write_text(run_report(metrics))
 
-    def write_router(self, folder: Path, adapters: dict[str, str]) -> None:
+    def write_router(self, folder: Path, adapters: dict[str, str], client_arrays: dict[str, dict[str, str]]) -> None:
         """router.json + router.safetensors (taskfed/routing.py): the method's router, from its server state."""
         cfg = self.cfg
         state = self.method.router_state()
@@ -324,7 +328,8 @@ class Driver:
         meta = {"method": cfg.method_name, "run": self.fed.run, "rounds": len(self.rounds), "seed": cfg.seed,
                 "base_model": cfg.model.name, "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha,
                                                        "target_modules": list(cfg.lora.target_modules)},
-                "template": cfg.data.template, "max_length": cfg.data.max_length, "clients": list(self.fed.clients)}
+                "template": cfg.data.template, "max_length": cfg.data.max_length, "clients": list(self.fed.clients),
+                "client_arrays": client_arrays}
         write_router(folder, state, meta, adapters)
 
 

@@ -4,7 +4,8 @@ A method's server side states it (`Method.router_state`); the one federation dri
 folder on every engine, beside the adapters:
 
     router.json          format, method, run id, rounds, base model and LoRA shape, prompt template, every
-                         adapter's name -> its folder, and the router: its kind and parameters
+                         adapter's name -> its folder, the clients' array files (`client_arrays`: name ->
+                         client -> file), and the router: its kind and parameters
     router.safetensors   the router's arrays (centroids), float64
 
 Kinds:
@@ -14,7 +15,7 @@ Kinds:
   `router = "local"`).
 - "mix" (FedDPA): per client, global + that client's local adapter with the weighting's parameters; an
   input's weights need the client's reference states (adapters/clients/<c>/references.safetensors, written
-  only where the client's config allows it).
+  only where the run allows it: FedDPA's `export_references`), except under the fixed weighting.
 - "one": no router; every input goes to `adapters[0]` (FedAvg's global adapter, a cluster method's model).
 """
 

@@ -12,8 +12,8 @@ server side what crosses the line, counted in bytes:
     stream(round, jobs)           -> the round's results in plan order, lazily, and the round's stats
     evaluate(mode, asks, downlink)-> per client a ClientEval (scores per task, the routing it used), and
                                      why each client that gave none usable is out
-    save_client_adapters(folder)  -> the client-owned adapters, where the engine keeps them: (client, name) ->
-                                     folder, relative to `folder` (none where the nodes keep them)
+    save_client_files(folder)     -> ClientFiles: the client-owned adapters and arrays, where the engine put
+                                     them, relative to `folder` (none where the nodes keep them)
     client_state()                -> the clients' stores for the driver's checkpoint, or None where the
                                      clients keep their own (a Flower node commits its store per round)
     restore_clients(state, where) -> the clients as at a checkpoint
@@ -31,6 +31,15 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 
 from taskfed.methods.base import Downlink, Federation, Job, Result
+
+
+@dataclass
+class ClientFiles:
+    """What the clients kept at the end of a run, relative to the run folder: (client, adapter name) -> PEFT
+    folder (`Method.client_adapters`), (client, array file name) -> .safetensors (`Method.client_arrays`)."""
+
+    adapters: dict[tuple[str, str], str] = field(default_factory=dict)
+    arrays: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 @dataclass
@@ -74,7 +83,7 @@ class Engine(Protocol):
 
     def evaluate(self, mode: str, asks: dict[str, list[str]], downlink: Callable[[str], Downlink]) -> tuple[dict, dict[str, str]]: ...
 
-    def save_client_adapters(self, folder, lora: dict) -> dict[tuple[str, str], str]: ...
+    def save_client_files(self, folder, lora: dict) -> "ClientFiles": ...
 
     def client_state(self) -> dict | None: ...
 

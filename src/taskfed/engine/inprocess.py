@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+from safetensors.torch import save_file
 
 from taskfed import progress
 from taskfed.config import RunConfig
-from taskfed.engine import ClientInfo, Roster, RoundStats
+from taskfed.engine import ClientFiles, ClientInfo, Roster, RoundStats
 from taskfed.errors import TaskfedError
 from taskfed.evaluation.evaluate import ClientEval, evaluate_client
 from taskfed.memory import release_memory
@@ -241,13 +242,18 @@ class InProcessEngine:
                                            self.budgets(), self.gen_cache)
         return out, {}
 
-    def save_client_adapters(self, folder: Path, lora: dict) -> dict[tuple[str, str], str]:
-        """Client-owned adapters (never sent to the server) under adapters/clients/<id>/ in the run folder;
-        returns where each (client, adapter name) went, relative to `folder`."""
-        where = {}
+    def save_client_files(self, folder: Path, lora: dict) -> ClientFiles:
+        """Client-owned adapters and arrays (never sent to the server) under adapters/clients/<id>/ in the run
+        folder; returns where each went, relative to `folder`."""
+        files = ClientFiles()
         for cid, client in sorted(self.clients.items()):
             for name, weights in self.client_side.client_adapters(client).items():
                 rel = f"adapters/clients/{cid}/{name.replace('/', '_')}"
                 save_adapter(weights, Path(folder) / rel, **lora)
-                where[(cid, name)] = rel
-        return where
+                files.adapters[(cid, name)] = rel
+            for name, tensors in self.client_side.client_arrays(client, self.rt).items():
+                rel = f"adapters/clients/{cid}/{name}.safetensors"
+                (Path(folder) / rel).parent.mkdir(parents=True, exist_ok=True)
+                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(Path(folder) / rel))
+                files.arrays[(cid, name)] = rel
+        return files

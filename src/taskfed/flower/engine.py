@@ -28,7 +28,7 @@ from flwr.serverapp import Grid
 
 from taskfed import progress
 from taskfed.config import RunConfig
-from taskfed.engine import ClientInfo, Roster, RoundStats
+from taskfed.engine import ClientFiles, ClientInfo, Roster, RoundStats
 from taskfed.engine.inprocess import downlink_bytes
 from taskfed.errors import TaskfedError
 from taskfed.evaluation.evaluate import ClientEval
@@ -193,10 +193,10 @@ class FlowerEngine:
     def restore_clients(self, state: None, where) -> None:
         """Nothing to send: each node loads the step a message starts from, or refuses when it lacks it."""
 
-    def save_client_adapters(self, folder: Path, lora: dict) -> dict[tuple[str, str], str]:
-        """Client-owned adapters stay on the nodes (each writes its own beside its store after the last
-        round, in the run folder's layout): nothing of them reaches the server."""
-        return {}
+    def save_client_files(self, folder: Path, lora: dict) -> ClientFiles:
+        """Client-owned adapters and arrays stay on the nodes (each writes its own beside its store after the
+        last round, in the run folder's layout): nothing of them reaches the server."""
+        return ClientFiles()
 
     # ----------------------------------------------------------------- a round
     def rejoin(self) -> None:

@@ -240,7 +240,7 @@ def _round(cfg: RunConfig, rt: Runtime, me: Node, engine: InProcessEngine, clien
 
 def write_client_adapters(cfg: RunConfig, engine: InProcessEngine, me: Node) -> None:
     """The client's own adapters (never sent), as PEFT folders beside its store (adapters/clients/<id>/, the
-    run folder's layout), after the last round."""
+    run folder's layout), and its arrays (FedDPA's references where allowed), after the last round."""
     from taskfed.federation import lora_description
 
-    engine.save_client_adapters(me.state_dir(engine.client_side.fed).parent, lora_description(cfg))  # adapters/clients/<id>/...
+    engine.save_client_files(me.state_dir(engine.client_side.fed).parent, lora_description(cfg))  # adapters/clients/<id>/...

@@ -10,7 +10,8 @@ Server side:  setup_server(uploads)     plan(round, clients) -> [Job]     aggreg
               eval_report(mode, [Routed]) -> metrics.json extras, from what the clients reported
 Client side:  setup_client(client, rt) -> arrays for the server (optional, before round 0)
               eval_adapters(client, sent) -> {name: weights}     route(client, records, names, rt, sent) -> RowMix
-              eval_facts(client) -> arrays for the evaluation's bookkeeping     client_adapters(client)
+              eval_facts(client) -> arrays for the evaluation's bookkeeping
+              client_adapters(client), client_arrays(client, rt) -> what the client keeps at the end of a run
 
 The client side of a method reads nothing but its client and what was sent to it (a Job, a Downlink, the
 Federation's public facts): an engine runs it on an instance of its own (a Flower node builds a fresh one),
@@ -237,6 +238,11 @@ class Method:
 
     def client_adapters(self, client: Client) -> dict[str, AdapterWeights]:
         """The client-owned adapters worth saving at the end of a run (never sent to the server)."""
+        return {}
+
+    def client_arrays(self, client: Client, rt) -> dict[str, dict[str, torch.Tensor]]:
+        """Client-owned tensors saved beside its adapters at the end of a run, by file name (e.g. FedDPA's
+        reference states, which serving needs): only what the method's config lets the client give away."""
         return {}
 
     def round_report(self, round_idx: int) -> dict[str, Any]:

@@ -34,6 +34,13 @@ matches the unclamped official code wherever that code produces a mix.)
 The weights are per row: every row of a batch carries its own (global, local) pair on the bank (the
 official batched path silently drops them; this one does not). They are recorded in the evaluation
 output (eval[mode]["feddpa_weights"]).
+
+Serving (`taskfed serve`, model "auto@<client>"): the weight needs h of the client's training instructions.
+With `export_references = true` each client writes them after the last round beside its local adapter
+(`adapters/clients/<id>/references.safetensors`: the unit-norm h of every training instruction, in the
+client's row order, no text), and the server draws x's references from them with the same seeded draw
+(`draw_references`) and weighs with the same `mean_cosine` and `local_weight`. Off by default: hidden states of private
+training text are the client's to give away or not.
 """
 
 from __future__ import annotations
@@ -70,6 +77,33 @@ class FedDPAParams(BaseModel):
         default="prompt", description="what h(.) embeds: the templated prompt (official script) or the raw instruction")
     mean: Literal["uniform", "samples"] = Field(
         default="uniform", description="server mean of the global adapters: uniform (official code) or by sample count")
+    export_references: bool = Field(
+        default=False, description="each client writes h of its training instructions beside its local adapter, so "
+                                   "`taskfed serve` can weigh auto@<client> per input (hidden states of private text)")
+
+
+def draw_references(seed: int, client: str, instruction: str, n: int, k: int) -> np.ndarray:
+    """Indices of the K training instructions x is compared with, out of the client's n: drawn without
+    replacement (as random.sample in the official script), seeded by run seed, client and x, so a row's weight
+    does not depend on its batch, nor on whether the run's evaluation or the server computes it."""
+    rng = np.random.default_rng(zlib.crc32(f"{seed}/{client}/{instruction}".encode()))
+    return rng.choice(n, min(k, n), replace=False)
+
+
+def mean_cosine(h_x: torch.Tensor, h_refs: torch.Tensor) -> torch.Tensor:
+    """s(x) before the clamp: the mean cosine of unit-norm h(x) (d,) to its references' (K, d)."""
+    return h_refs.matmul(h_x).mean()
+
+
+def local_weight(weighting: str, w_max: float, w_fixed: float, s: torch.Tensor | None, n: int) -> torch.Tensor:
+    """w_local per row (w_global = 1 - w_local) from the rows' similarities `s` (unused under "fixed"),
+    clamped into [0, 1] first (module doc)."""
+    if weighting == "fixed":
+        return torch.full((n,), float(w_fixed))
+    s = s.clamp(0.0, 1.0).float()
+    if weighting == "local":
+        return w_max * s
+    return 1.0 - w_max * s  # official: the similarity weights the global adapter
 
 
 class FedDPATParams(FedDPAParams):
@@ -111,7 +145,7 @@ class _FedDPA(Method):
         p = self.params
         return RouterState("mix", adapters=["global"], params={
             "weighting": p.weighting, "w_max": p.w_max, "w_fixed": p.w_fixed, "k": p.k, "references": p.references,
-            "h_text": p.h_text, "seed": self.fed.seed})
+            "h_text": p.h_text, "seed": self.fed.seed, "export_references": p.export_references})
 
     # ------------------------------------------------------------------ client side
     def _local(self, client: Client) -> AdapterWeights:
@@ -125,12 +159,19 @@ class _FedDPA(Method):
     def client_adapters(self, client: Client) -> dict[str, AdapterWeights]:
         return {"local": client.store[LOCAL]} if LOCAL in client.store else {}
 
-    def references(self, client: Client, instruction: str) -> list[str]:
-        """The K training instructions x is compared with: drawn without replacement (as random.sample in the
-        official script), seeded by run seed, client and x, so a row's weight does not depend on its batch."""
+    def client_arrays(self, client: Client, rt) -> dict[str, dict[str, torch.Tensor]]:
+        """With export_references: h of every training instruction (client row order) for the server's s(x)."""
+        if not self.params.export_references:
+            return {}
         pool = [r.instruction for r in client.records]
-        rng = np.random.default_rng(zlib.crc32(f"{self.fed.seed}/{client.id}/{instruction}".encode()))
-        return [pool[i] for i in rng.choice(len(pool), min(self.params.k, len(pool)), replace=False)]
+        h = self._h(client, pool, rt)
+        dim = rt.model.config.hidden_size
+        return {"references": {"h": torch.stack([h[t] for t in pool]) if pool else torch.zeros(0, dim, dtype=torch.float64)}}
+
+    def references(self, client: Client, instruction: str) -> list[str]:
+        """The K training instructions x is compared with (`draw_references`)."""
+        pool = [r.instruction for r in client.records]
+        return [pool[i] for i in draw_references(self.fed.seed, client.id, instruction, len(pool), self.params.k)]
 
     def client_references(self, client: Client) -> list[str]:
         """references = "per_client": one seeded draw of K training instructions, shared by all the client's inputs."""
@@ -155,7 +196,7 @@ class _FedDPA(Method):
         return {t: cache[(fp, t)] for t in texts}
 
     def similarity(self, client: Client, records: list[Record], rt) -> torch.Tensor:
-        """s(x) per row: mean cosine of h(x) to h of x's K references, clamped into [0, 1] (module doc)."""
+        """s(x) per row, before the clamp: mean cosine of h(x) to h of x's K references."""
         if not records or not client.records:
             return torch.zeros(len(records))
         if self.params.references == "per_client":
@@ -164,19 +205,14 @@ class _FedDPA(Method):
         else:
             refs = [self.references(client, r.instruction) for r in records]
         h = self._h(client, [t for r, ref in zip(records, refs) for t in (r.instruction, *ref)], rt)
-        s = torch.stack([torch.stack([h[t] for t in ref]).matmul(h[r.instruction]).mean()
-                         for r, ref in zip(records, refs)])
-        return s.clamp(0.0, 1.0).float()
+        return torch.stack([mean_cosine(h[r.instruction], torch.stack([h[t] for t in ref]))
+                            for r, ref in zip(records, refs)])
 
     def local_weights(self, client: Client, records: list[Record], rt) -> torch.Tensor:
         """w_local per row under the configured weighting (w_global = 1 - w_local)."""
         p = self.params
-        if p.weighting == "fixed":
-            return torch.full((len(records),), float(p.w_fixed))
-        s = self.similarity(client, records, rt)
-        if p.weighting == "local":
-            return p.w_max * s
-        return 1.0 - p.w_max * s  # official: the similarity weights the global adapter
+        s = None if p.weighting == "fixed" else self.similarity(client, records, rt)
+        return local_weight(p.weighting, p.w_max, p.w_fixed, s, len(records))
 
     def route(self, client: Client, records: list[Record], names: list[str], rt, sent: Downlink) -> RowMix:
         """Two terms per row, (global, local), with that row's own weights."""

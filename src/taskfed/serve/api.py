@@ -216,7 +216,7 @@ def build_app(served: Served) -> FastAPI:
         async with served.reloading:
             old = served.run
             try:
-                new = await asyncio.to_thread(ServedRun, Path(folder), old.shapes, old.max_distance, old.fallback)
+                new = await asyncio.to_thread(ServedRun, Path(folder), old.shapes, old.max_distance, old.fallback, old.hidden)
             except TaskfedError as exc:
                 return error(400, str(exc), "run_dir")
             if not new.same_base(old):
@@ -366,7 +366,7 @@ def build_server(run: ServedRun, rt, *, host: str = "127.0.0.1", port: int = 800
     """A uvicorn server for `run` on the loaded runtime `rt` (its adapters go into rt's bank), and its batcher."""
     import uvicorn
 
-    run.check_shapes(rt.bank.shapes())
+    run.check_shapes(rt.bank.shapes(), int(rt.model.config.hidden_size))
     batcher = Batcher(rt, run, max_batch=max_batch, max_queue=max_queue)
     app = build_app(Served(batcher, run, limits or Limits()))
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", ssl_certfile=ssl_certfile,

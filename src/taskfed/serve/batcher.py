@@ -107,8 +107,12 @@ class Batcher:
         return [run.slots[a] for a in d.adapters], list(d.weights)
 
     # ----------------------------------------------------------------- the loop
-    def _embed(self, texts: list[str], layers: int | None) -> torch.Tensor:
+    # What ServedRun.decide needs computed on the model (the batch's routed inputs at once).
+    def embed(self, texts: list[str], layers: int | None) -> torch.Tensor:
         return self.rt.hidden_states(texts, None, "mean", layers=None if layers == self.rt.n_layers else layers)
+
+    def last_states(self, texts: list[str], slots: list[int]) -> torch.Tensor:
+        return self.rt.hidden_states(texts, RowMix.one_hot(slots), "last")
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -172,7 +176,7 @@ class Batcher:
         decisions: list[Decision | None] = [None] * len(new)
         for members in by_run.values():
             run = new[members[0]].run
-            for i, d in zip(members, run.decide(self._embed, [new[i].ask for i in members], [new[i].instruction for i in members])):
+            for i, d in zip(members, run.decide(self, [new[i].ask for i in members], [new[i].instruction for i in members])):
                 decisions[i] = d
         for t, d in zip(new, decisions):
             t.emit("decision", d)

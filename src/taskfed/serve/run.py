@@ -3,7 +3,8 @@
 Names a request may give as `model`:
     auto            the run's router picks per request: the nearest centroid (FedRouter, FL-TAC); a run
                     without a router (FedAvg, clustered FL's model) answers with its one adapter
-    auto@<client>   FedDPA's instance-wise mix of `global` and that client's local adapter; FedRouter with
+    auto@<client>   FedDPA's instance-wise mix of `global` and that client's local adapter (weighted per
+                    input from the client's exported reference states, or fixed); FedRouter with
                     `router = "local"`: the nearest of the centroids bound to that client
     <adapter>       one adapter as the run folder names it: `cluster/2`, `global`, `local@03`
     base            the base model, no adapter
@@ -20,10 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from taskfed.config import load_config
 from taskfed.data.prompts import render
 from taskfed.errors import TaskfedError
+from taskfed.methods.feddpa import draw_references, local_weight, mean_cosine
 from taskfed.model.bank import AdapterWeights
 from taskfed.model.peft_io import check_weights, load_adapter
 from taskfed.routing import RouterState, read_router
@@ -43,7 +49,7 @@ class BadRequest(ValueError):
 class Ask:
     """What one request asks for, checked before it queues: fixed adapters and weights, or a router to run."""
 
-    route: str | None = None  # None: `names`/`weights` as given; "nearest" | "mix": the worker routes
+    route: str | None = None  # None: `names`/`weights` as given; "nearest" | "mix": the batcher's thread routes
     client: str | None = None
     names: list[str] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
@@ -66,7 +72,7 @@ class ServedRun:
     """The run folder's adapters (read and checked against the base model's shapes) and router."""
 
     def __init__(self, folder: str | Path, shapes: dict[str, tuple[int, ...]] | None = None,
-                 max_distance: float | None = None, fallback: str = BASE):
+                 max_distance: float | None = None, fallback: str = BASE, hidden: int | None = None):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise TaskfedError(f"{self.folder}: run folder does not exist.")
@@ -75,23 +81,49 @@ class ServedRun:
         self.id, self.rounds, self.method = self.doc.get("run", ""), self.doc.get("rounds"), self.doc["method"]
         self.template = self.doc.get("template", self.cfg.data.template)
         self.shapes = shapes
-        self.adapters: dict[str, AdapterWeights] = {}
-        for name, rel in sorted(self.doc["adapters"].items()):
-            where = (self.folder / rel).resolve()
-            if self.folder.resolve() not in where.parents:
-                raise TaskfedError(f"{self.folder / 'router.json'}: adapter '{name}' points outside the run folder.")
-            self.adapters[name] = load_adapter(where, shapes)
+        self.adapters: dict[str, AdapterWeights] = {
+            name: load_adapter(self._inside(rel, f"adapter '{name}'"), shapes) for name, rel in sorted(self.doc["adapters"].items())}
+        # FedDPA: per client, unit-norm h of its training instructions (client row order), where it gave them.
+        self.references: dict[str, torch.Tensor] = {
+            cid: self._references(self._inside(rel, f"client {cid}'s references"))
+            for cid, rel in sorted(self.doc.get("client_arrays", {}).get("references", {}).items())}
+        self.hidden = hidden
+        self._check_references()
         self.max_distance, self.fallback = max_distance, fallback
         if fallback not in (BASE, *self.adapters):
             raise TaskfedError(f"--fallback {fallback}: not an adapter of {self.folder} (use base or one of "
                                f"{', '.join(sorted(self.adapters))}).")
         self.slots: dict[str, int] = {}  # adapter name -> bank slot, once the batcher has loaded it
 
-    def check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        """Every adapter fits the loaded base model (read without it first, so a bad folder fails fast)."""
+    def _inside(self, rel: str, what: str) -> Path:
+        where = (self.folder / rel).resolve()
+        if self.folder.resolve() not in where.parents:
+            raise TaskfedError(f"{self.folder / 'router.json'}: {what} points outside the run folder.")
+        return where
+
+    @staticmethod
+    def _references(path: Path) -> torch.Tensor:
+        try:
+            h = load_file(str(path)).get("h")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise TaskfedError(f"{path}: corrupt reference states ({str(exc).splitlines()[0]}).") from None
+        if h is None or h.dim() != 2 or not h.is_floating_point() or not bool(torch.isfinite(h).all()):
+            raise TaskfedError(f"{path}: reference states must be one finite float tensor 'h' of shape (rows, hidden).")
+        return h.double()
+
+    def check_shapes(self, shapes: dict[str, tuple[int, ...]], hidden: int) -> None:
+        """Every adapter and reference state fits the loaded base model (read without it first, so a bad
+        folder fails fast)."""
         for name, weights in self.adapters.items():
             check_weights(weights, shapes, str(self.folder / self.doc["adapters"][name]))
-        self.shapes = shapes
+        self.shapes, self.hidden = shapes, hidden
+        self._check_references()
+
+    def _check_references(self) -> None:
+        for cid, h in self.references.items():
+            if self.hidden is not None and len(h) and h.shape[1] != self.hidden:
+                raise TaskfedError(f"{self.folder / self.doc['client_arrays']['references'][cid]}: reference states "
+                                   f"of width {h.shape[1]}, but the base model's hidden size is {self.hidden}.")
 
     def same_base(self, other: "ServedRun") -> bool:
         return self.doc["base_model"] == other.doc["base_model"] and self.doc["lora"] == other.doc["lora"]
@@ -132,12 +164,16 @@ class ServedRun:
         if f"local@{client}" not in self.adapters:
             raise BadRequest(f"model '{model}': the run folder holds no local adapter of client '{client}'.", "model",
                              "model_not_found")
-        if self.router.params.get("weighting") != "fixed":
-            raise BadRequest(f"model '{model}': FedDPA's '{self.router.params.get('weighting')}' weighting needs the "
-                             f"client's reference states, which this run folder does not hold; give the mix "
-                             f"explicitly (taskfed.mix).", "model", "model_not_found")
-        w = float(self.router.params["w_fixed"])
-        return Ask(names=["global", f"local@{client}"], weights=[1.0 - w, w])
+        p = self.router.params
+        if p.get("weighting") == "fixed":
+            w = local_weight("fixed", 0.0, float(p["w_fixed"]), None, 1)
+            return Ask(names=["global", f"local@{client}"], weights=torch.stack([1.0 - w, w], dim=1)[0].tolist())
+        if client not in self.references:
+            raise BadRequest(f"model '{model}': FedDPA's '{p.get('weighting')}' weighting needs client '{client}''s "
+                             f"reference states, which this run folder does not hold (train with "
+                             f"method.export_references = true); give the mix explicitly (taskfed.mix).", "model",
+                             "model_not_found")
+        return Ask(route="mix", client=client)
 
     def _mix(self, mix: Any) -> Ask:
         if not isinstance(mix, dict) or not mix:
@@ -155,13 +191,15 @@ class ServedRun:
         return Ask(names=names, weights=weights)
 
     # ----------------------------------------------------------------- routing (in the batcher's thread)
-    def decide(self, embed, asks: list[Ask], instructions: list[str]) -> list[Decision]:
-        """Decisions for a batch of asks; `embed(texts, layers)` embeds all of the batch's routed inputs at once."""
+    def decide(self, enc, asks: list[Ask], instructions: list[str]) -> list[Decision]:
+        """Decisions for a batch of asks. `enc` computes what routing needs, for all of the batch's routed
+        inputs at once: `enc.embed(texts, layers)` (the nearest router's embedding) and
+        `enc.last_states(texts, slots)` (FedDPA's h: last-token state with each row's adapter slot)."""
         out: list[Decision | None] = [None if a.route else Decision(list(a.names), list(a.weights)) for a in asks]
         routed = [i for i, a in enumerate(asks) if a.route == "nearest"]
         if routed:
             state: RouterState = self.router
-            emb = np.asarray(embed([instructions[i] for i in routed], state.embed_layers), dtype=np.float64)
+            emb = np.asarray(enc.embed([instructions[i] for i in routed], state.embed_layers), dtype=np.float64)
             for row, i in enumerate(routed):
                 chosen, dist = state.route(emb[row:row + 1], asks[i].client)
                 g, d = chosen[0], float(dist[0, chosen[0]])
@@ -170,4 +208,26 @@ class ServedRun:
                     out[i] = Decision([self.fallback], [1.0], d, distances, abstained=True)
                 else:
                     out[i] = Decision([state.adapters[g]], [1.0], d, distances)
+        mixed = [i for i, a in enumerate(asks) if a.route == "mix"]
+        if mixed:
+            for i, w in zip(mixed, self._feddpa_weights(enc, [asks[i].client for i in mixed], [instructions[i] for i in mixed])):
+                out[i] = Decision(["global", f"local@{asks[i].client}"], w)
+        return out
+
+    def _feddpa_weights(self, enc, clients: list[str], instructions: list[str]) -> list[list[float]]:
+        """(w_global, w_local) per input as the run's evaluation weighs it (methods/feddpa.py): h(x) with the
+        client's local adapter, s(x) against x's seeded draw of the client's reference states."""
+        p = self.router.params
+        shown = [self.prompt(t) if p["h_text"] == "prompt" else t for t in instructions]
+        h = F.normalize(enc.last_states(shown, [self.slots[f"local@{c}"] for c in clients]).double(), dim=1)
+        out = []
+        for h_x, client, text in zip(h, clients, instructions):
+            refs = self.references[client]
+            if len(refs):
+                drawn = draw_references(p["seed"], client, text if p["references"] == "per_input" else "", len(refs), p["k"])
+                s = mean_cosine(h_x, refs[torch.as_tensor(drawn)]).reshape(1)
+            else:  # a client without training rows: s = 0, as in the evaluation
+                s = torch.zeros(1)
+            w = local_weight(p["weighting"], float(p["w_max"]), float(p["w_fixed"]), s, 1)
+            out.append(torch.stack([1.0 - w, w], dim=1)[0].tolist())
         return out
