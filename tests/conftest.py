@@ -33,6 +33,16 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(1)
 
 
+# The files that take longest (minutes of waiting on Flower processes and subprocess runs) go first, so the
+# other worker fills those waits with the short files instead of being left alone with a long one at the end.
+SLOW_FIRST = ["test_flower_deploy_faults.py", "test_flower_deploy.py", "test_flower.py", "test_checkpoint.py"]
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: the rest keep their order
+
+
 def tiny_config(*overrides: str, **kw) -> RunConfig:
     """A config on the tiny model with a minimal budget; overrides as in `--set`."""
     base = ["model.name=tiny", "train.rounds=2", "train.steps=2", "train.batch=4", "data.max_length=128",

@@ -176,6 +176,33 @@ def test_openai_client_names_mix_stream_and_models(fedrouter):
     assert "".join(c.choices[0].text for c in raw if c.choices) == named.choices[0].text
 
 
+def test_sampling_draws_by_temperature_and_top_p_from_a_seeded_generator():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2, 1e-12]))
+    draws = lambda s, n=4000: torch.bincount(torch.tensor([s.pick(logits) for _ in range(n)]), minlength=4)  # noqa: E731
+    counts = draws(gen.Sampling(1.0, 1.0, seed=3))
+    want = torch.tensor([0.5, 0.3, 0.2, 0.0]) * 4000
+    assert torch.all((counts - want).abs() <= 4 * torch.sqrt(want * (1 - want / 4000)) + 1), counts  # 4 sigma
+    nucleus = draws(gen.Sampling(1.0, 0.6, seed=3))  # 0.5 < 0.6: the second token completes the nucleus
+    assert nucleus[2] == nucleus[3] == 0 and abs(nucleus[0] / 4000 - 0.5 / 0.8) < 0.03
+    assert draws(gen.Sampling(1.0, 1e-9, seed=3), 50).tolist() == [50, 0, 0, 0]  # the nucleus is the top token
+    cold = draws(gen.Sampling(0.05, 1.0, seed=3), 200)  # low temperature: nearly greedy
+    assert cold[0] >= 199
+    a, b = gen.Sampling(1.0, 1.0, seed=11), gen.Sampling(1.0, 1.0, seed=11)
+    assert [a.pick(logits) for _ in range(30)] == [b.pick(logits) for _ in range(30)]  # seeded
+    batch = torch.stack([logits, logits.flip(0)])  # a greedy row beside a sampled one keeps its argmax
+    assert gen.pick(batch.clone(), [gen.GREEDY, gen.Sampling(1.0, 1.0, 5)])[0] == 0
+
+
+def test_sampled_answers_repeat_with_their_seed_and_vary_without(fedrouter):
+    body = {"model": "cluster/0", "prompt": "Write a word", "max_tokens": 8, "temperature": 1.5}
+    same = {complete(fedrouter.url, {**body, "seed": 7}).json()["choices"][0]["text"] for _ in range(2)}
+    assert len(same) == 1
+    texts = {complete(fedrouter.url, {**body, "seed": s}).json()["choices"][0]["text"] for s in range(6)}
+    assert len(texts) > 1  # the tiny random model's distribution is wide: different seeds, different draws
+    greedy = complete(fedrouter.url, {**body, "temperature": 0}).json()["choices"][0]["text"]
+    assert greedy.strip() == offline(fedrouter, "Write a word", {"cluster/0": 1.0}, 8)
+
+
 def test_stop_strings_end_the_text_before_them_streamed_or_not(fedrouter):
     prompt = "Count: one two three"
     full = complete(fedrouter.url, {"model": "cluster/0", "prompt": prompt, "max_tokens": 12}).json()["choices"][0]["text"]
@@ -316,7 +343,8 @@ BAD = [  # (body or raw bytes, status, param)
     ({"model": "auto", "prompt": "x", "max_tokens": 10**6}, 400, "max_tokens"),
     ({"model": "auto", "prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
     ({"model": "auto", "prompt": "x", "n": 2}, 400, "n"),
-    ({"model": "auto", "prompt": "x", "temperature": 0.7}, 400, "temperature"),
+    ({"model": "auto", "prompt": "x", "temperature": 2.5}, 400, "temperature"),
+    ({"model": "auto", "prompt": "x", "temperature": 1, "top_p": 0}, 400, "top_p"),
     ({"model": "auto", "prompt": "x", "taskfed": {"mix": {"cluster/0": -1}}}, 400, "taskfed.mix.cluster/0"),
     (b'{"model": "auto", "prompt": "x", "taskfed": {"mix": {"cluster/0": NaN}}}', 400, "taskfed.mix.cluster/0"),
     ({"model": "auto", "prompt": "x", "taskfed": {"mix": {"cluster/99": 1}}}, 400, "taskfed.mix.cluster/99"),
@@ -333,7 +361,7 @@ def test_a_burst_of_bad_requests_mixed_with_good_ones_gets_4xx_each_and_the_serv
     good = {"model": "auto", "prompt": "A good request", "max_tokens": 6}
     try:
         want = complete(srv.url, good).json()["choices"][0]["text"]
-        work = [(b, s, p) for _ in range(3) for b, s, p in BAD] + [(good, 200, None)] * 20  # 71 requests, bounded
+        work = [(b, s, p) for _ in range(3) for b, s, p in BAD] + [(good, 200, None)] * 20  # 74 requests, bounded
 
         def send(item):
             body, status, param = item

@@ -13,6 +13,8 @@ Generation stops at `max_new_tokens` (the caller's longest expected answer) or w
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from transformers import DynamicCache, GenerationConfig
 
@@ -102,8 +104,47 @@ def static_generate(rt: Runtime, prompts: list[list[int]], mix: RowMix, max_new_
     return _trim(out[:, width:].cpu(), rt.tokenizer.eos_token_id)
 
 
+@dataclass
+class Sampling:
+    """How one row picks its next token: temperature 0 is greedy (argmax, what evaluation uses); above 0, a
+    draw from softmax(logits / temperature) cut to the smallest set of tokens whose probability reaches
+    `top_p` (nucleus), from the row's own generator, seeded: the same request with the same seed draws the
+    same tokens, whatever else shares its batch (up to the last bits of batched float sums)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    generator: torch.Generator = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """The next token from one row's logits (vocabulary,)."""
+        if self.temperature == 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.double() / self.temperature, dim=-1).cpu()
+        if self.top_p < 1:
+            p, order = probs.sort(descending=True)
+            keep = p.cumsum(0) - p < self.top_p  # every token before the mass reaches top_p, and the one that does
+            probs = torch.zeros_like(probs).scatter(0, order[keep], p[keep])
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+GREEDY = Sampling()
+
+
+def pick(logits: torch.Tensor, sampling: list[Sampling]) -> torch.Tensor:
+    """Every row's next token (batch x vocabulary logits): one argmax for all greedy rows, a draw for the others."""
+    nxt = logits.argmax(-1)
+    for i, s in enumerate(sampling):
+        if s.temperature != 0:
+            nxt[i] = s.pick(logits[i])
+    return nxt
+
+
 class Decoder:
-    """Greedy decoding of a changing set of rows on one dynamic KV cache: `admit` prefills new rows (which
+    """Decoding of a changing set of rows (greedy, or sampled per row: `Sampling`) on one dynamic KV cache: `admit` prefills new rows (which
     then decode with the rest: continuous batching), `step` gives every live row its next token, `keep`
     lets finished rows leave (their cache, mask and mix with them). The CPU decoder below admits once and
     drains; `taskfed serve` admits new requests between steps. Row order: admission order, as `keep` left it.
@@ -118,13 +159,16 @@ class Decoder:
         self.cache: DynamicCache | None = None
         self.mask = self.last = self.nxt = None  # batch x width; batch x 1 positions; batch next tokens
         self.mix: RowMix | None = None
+        self.sampling: list[Sampling] = []
 
     def __len__(self) -> int:
         return 0 if self.nxt is None else len(self.nxt)
 
     @torch.no_grad()
-    def admit(self, prompts: list[list[int]], mix: RowMix) -> list[int]:
-        """Prefills `prompts` (row i under mix row i) and returns each one's first new token."""
+    def admit(self, prompts: list[list[int]], mix: RowMix, sampling: list[Sampling] | None = None) -> list[int]:
+        """Prefills `prompts` (row i under mix row i, picking tokens by sampling[i]: greedy by default) and
+        returns each one's first new token."""
+        sampling = list(sampling) if sampling is not None else [GREEDY] * len(prompts)
         model, dev = self.rt.model, self.rt.device
         ids, mask = left_pad(prompts, self.rt.tokenizer.pad_token_id)
         ids, mask = ids.to(dev), mask.to(dev)
@@ -134,7 +178,8 @@ class Decoder:
         with self.rt.bank.mixing(mix):
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                            use_cache=True, logits_to_keep=1).logits
-        nxt = logits[:, -1].float().argmax(-1)
+        nxt = pick(logits[:, -1].float(), sampling)
+        self.sampling += sampling
         if self.cache is None:
             self.cache, self.mask, self.last, self.nxt, self.mix = cache, mask, positions[:, -1:], nxt, mix
         else:
@@ -143,19 +188,20 @@ class Decoder:
 
     @torch.no_grad()
     def step(self) -> list[int]:
-        """One greedy token for every live row, from the token it produced last."""
+        """The next token of every live row, from the token it produced last."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self), 1)], dim=1)
         self.last = self.last + 1
         with self.rt.bank.mixing(self.mix):
             logits = self.rt.model(input_ids=self.nxt.unsqueeze(1), attention_mask=self.mask, position_ids=self.last,
                                    cache=self.cache, use_cache=True).logits
-        self.nxt = logits[:, -1].float().argmax(-1)
+        self.nxt = pick(logits[:, -1].float(), self.sampling)
         return self.nxt.tolist()
 
     def keep(self, rows: list[int]) -> None:
         """Only `rows` (positions in the live order) stay."""
         if len(rows) == len(self):
             return
+        self.sampling = [self.sampling[i] for i in rows]
         if not rows:
             self.cache = self.mask = self.last = self.nxt = self.mix = None
             return

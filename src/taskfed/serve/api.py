@@ -2,8 +2,9 @@
 
 Request and response bodies follow OpenAI's schema; what taskfed adds travels under `taskfed`: in a request,
 `{"mix": {adapter: weight, ...}, "raw": bool}` (raw: the prompt is sent to the model as it is, without the
-run's prompt template); in every answer, the routing decision (run.py's Decision). Decoding is greedy:
-`temperature` must be 0 or absent (absent means 0 here, not OpenAI's 1), `n` must be 1.
+run's prompt template); in every answer, the routing decision (run.py's Decision). Decoding is greedy
+at `temperature` 0 or absent (absent means 0 here, not OpenAI's 1: the runs are evaluated greedily), else
+sampled (`temperature` up to 2, `top_p`, `seed`: the same seed draws the same answer); `n` must be 1.
 
 Chat: the model was fine-tuned on single instructions with the run's template, so a conversation is served
 as one instruction: the messages' contents joined by blank lines, in order.
@@ -19,6 +20,7 @@ import hmac
 import json
 import math
 import queue
+import secrets
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from taskfed.errors import TaskfedError
+from taskfed.evaluation.generate import GREEDY, Sampling
 from taskfed.serve.batcher import Batcher, Ticket
 from taskfed.serve.run import BadRequest, ServedRun
 
@@ -55,6 +58,8 @@ class _Common(BaseModel):
     model: StrictStr
     max_tokens: StrictInt | None = None
     temperature: StrictFloat | StrictInt | None = None
+    top_p: StrictFloat | StrictInt | None = None
+    seed: StrictInt | None = None
     n: StrictInt = 1
     stop: StrictStr | list[StrictStr] | None = None
     stream: StrictBool = False
@@ -131,23 +136,32 @@ def build_app(served: Served) -> FastAPI:
             where = ".".join(str(p) for p in first["loc"]) or None
             raise BadRequest(f"{where}: {first['msg']}" if where else first["msg"], where) from None
 
-    def check(req: _Common) -> tuple[int, list[str]]:
+    def check(req: _Common) -> tuple[int, list[str], Sampling]:
         if req.n != 1:
             raise BadRequest("n: only 1 choice per request is served.", "n")
-        if req.temperature is not None and (not math.isfinite(req.temperature) or req.temperature != 0):
-            raise BadRequest("temperature: decoding is greedy here; send 0 or leave it out.", "temperature")
+        temperature = 0.0 if req.temperature is None else float(req.temperature)
+        if not (math.isfinite(temperature) and 0 <= temperature <= 2):
+            raise BadRequest("temperature: must be between 0 (greedy) and 2.", "temperature")
+        top_p = 1.0 if req.top_p is None else float(req.top_p)
+        if not (math.isfinite(top_p) and 0 < top_p <= 1):
+            raise BadRequest("top_p: must be in (0, 1].", "top_p")
+        if req.seed is not None and not 0 <= req.seed < 2 ** 63:
+            raise BadRequest("seed: must be between 0 and 2**63 - 1.", "seed")
+        # Without a seed, a fresh one per request (OpenAI's behaviour): sampled answers differ run to run.
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        sampling = GREEDY if temperature == 0 else Sampling(temperature, top_p, seed)
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         if not 1 <= max_tokens <= lim.max_tokens:
             raise BadRequest(f"max_tokens: must be between 1 and {lim.max_tokens}.", "max_tokens")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > lim.max_stop or any(not s for s in stop):
             raise BadRequest(f"stop: at most {lim.max_stop} non-empty strings.", "stop")
-        return max_tokens, stop
+        return max_tokens, stop, sampling
 
     async def answer(request: Request, chat: bool) -> Response:
         try:
             req = parse(ChatRequest if chat else CompletionRequest, await body_of(request))
-            max_tokens, stop = check(req)
+            max_tokens, stop, sampling = check(req)
             if chat:
                 instruction = "\n\n".join(m.content for m in req.messages)
             else:
@@ -170,7 +184,7 @@ def build_app(served: Served) -> FastAPI:
             return error(400, str(exc), exc.param, exc.code)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        ticket = Ticket(run=run, ask=ask, instruction=instruction, prompt=ids, max_tokens=max_tokens,
+        ticket = Ticket(run=run, ask=ask, instruction=instruction, prompt=ids, max_tokens=max_tokens, sampling=sampling,
                         emit=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))
         try:
             served.batcher.submit(ticket)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from taskfed.evaluation.generate import Decoder
+from taskfed.evaluation.generate import GREEDY, Decoder, Sampling
 from taskfed.model.bank import RowMix
 from taskfed.runtime import Runtime
 from taskfed.serve.run import BASE, Ask, Decision, ServedRun
@@ -38,6 +38,7 @@ class Ticket:
     prompt: list[int]  # what the model continues
     max_tokens: int
     emit: Emit
+    sampling: Sampling = field(default_factory=lambda: GREEDY)  # greedy rows share one (it holds no state they use)
     cancelled: threading.Event = field(default_factory=threading.Event)
     n_out: int = 0
 
@@ -185,7 +186,7 @@ class Batcher:
         idx = torch.tensor([r[0] + [0] * (k - len(r[0])) for r in rows], dtype=torch.long)
         w = torch.tensor([r[1] + [0.0] * (k - len(r[1])) for r in rows], dtype=torch.float32)
         self.stats["requests"] += len(new)
-        return self.dec.admit([t.prompt for t in new], RowMix(idx, w))
+        return self.dec.admit([t.prompt for t in new], RowMix(idx, w), [t.sampling for t in new])
 
     def _keep(self, rows: list[int]) -> None:
         self.dec.keep(rows)
