@@ -106,10 +106,15 @@ def privacy_cost(path: Path, title: str, curves: dict[str, list[tuple[float, flo
     off_x = (finite[-1] * 2.0) if finite else 1.0
     fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.6))
     for ax, j, label in ((axes[0], 1, "router accuracy"), (axes[1], 2, "ROUGE-1")):
+        drawn = False
         for method, pts in curves.items():
+            pts = sorted(pts, key=lambda p: p[0])  # left to right, "off" (inf) last, however they were run
             xs = [e if np.isfinite(e) else off_x for e, *_ in pts]
             ys = [np.nan if p[j] is None else p[j] for p in pts]
             ax.plot(xs, ys, marker="o", label=method)
+            drawn = drawn or any(p[j] is not None for p in pts)
+        if not drawn:
+            ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", va="center", color="grey")
         ax.set_xscale("log")
         ticks = finite + [off_x]
         ax.set_xticks(ticks, [f"{e:g}" for e in finite] + ["off"])
