@@ -33,9 +33,10 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(1)
 
 
-# The files that take longest (minutes of waiting on Flower processes and subprocess runs) go first, so the
-# other worker fills those waits with the short files instead of being left alone with a long one at the end.
-SLOW_FIRST = ["test_flower_deploy_faults.py", "test_flower_deploy.py", "test_flower.py", "test_checkpoint.py"]
+# The longest file (minutes of waiting on a SuperLink's heartbeats) goes first, so the other worker fills
+# those waits with the rest instead of being left alone with it at the end; only one, as two deployments at
+# once (this and test_flower_deploy.py) slowed each other down more than they overlapped.
+SLOW_FIRST = ["test_flower_deploy_faults.py"]
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
