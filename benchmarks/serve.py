@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -89,12 +88,6 @@ def plain_server(run: Path, port: int) -> None:
 
 
 # ----------------------------------------------------------------- servers as subprocesses
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, label: str, command: list[str], port: int):
         self.label, self.url = label, f"http://127.0.0.1:{port}"
@@ -187,7 +180,8 @@ def build_run(args) -> Path:
                                              "--set", "eval.max_rows_per_task=1", "--set", "eval.modes=['local']"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "FLWR_TELEMETRY_ENABLED": "0"}
     subprocess.run([*CLI, "run", str(ROOT / "configs" / "fedrouter-dual.toml"), "--out", str(run),
-                    "--set", f"data.path={FLAN}", "--set", "method.embed_layers=4", "--set", "method.schedule=all",
+                    "--set", f"data.path={FLAN}", "--set", "method.schedule=all",
+                    "--set", f"method.embed_layers={1 if args.small else 4}",  # the tiny model has 2 layers
                     *budget], check=True, env=env, cwd=ROOT)
     return run
 
@@ -236,6 +230,8 @@ def main(argv=None) -> None:
         return plain_server(Path(args.plain_server), args.port)
     import torch
 
+    from taskfed.flower.local import free_port
+
     run = build_run(args)
     doc = json.loads((run / "router.json").read_text())
     texts = instructions(run, max(args.concurrency) * 2, args.max_prompt_tokens)
@@ -259,12 +255,12 @@ def main(argv=None) -> None:
                     raise SystemExit("plain-peft needs a taskfed server in --servers to learn the routed adapters")
                 prompts = list(zip(texts, routed_adapters(server.url, texts)))
             elif label != "plain-peft":
-                routed_adapters(server.url, texts[:2])  # warm-up
+                routed_adapters(server.url, texts[:2])  # warm-up, outside the measurement
+            else:
+                asyncio.run(level(server.url, 1, prompts[:2], 2, 2, args.budget_s, named=True))
             results[label] = []
             for n in args.concurrency:
                 n_req = args.requests or max(8, 2 * n)
-                if label == "plain-peft":  # warm-up of the adapters, outside the measurement
-                    asyncio.run(level(server.url, 1, prompts[:2], 2, 2, args.budget_s, named=True))
                 r = asyncio.run(level(server.url, n, prompts, n_req, args.max_tokens, args.budget_s,
                                       named=label == "plain-peft"))
                 results[label].append(r)

@@ -144,8 +144,9 @@ def pick(logits: torch.Tensor, sampling: list[Sampling]) -> torch.Tensor:
 
 
 class Decoder:
-    """Decoding of a changing set of rows (greedy, or sampled per row: `Sampling`) on one dynamic KV cache: `admit` prefills new rows (which
-    then decode with the rest: continuous batching), `step` gives every live row its next token, `keep`
+    """Decoding of a changing set of rows (greedy, or sampled per row: `Sampling`) on one dynamic KV cache:
+    `admit` prefills new rows (which then decode with the rest: continuous batching), `step` gives every live
+    row its next token, `keep`
     lets finished rows leave (their cache, mask and mix with them). The CPU decoder below admits once and
     drains; `taskfed serve` admits new requests between steps. Row order: admission order, as `keep` left it.
 

@@ -106,6 +106,12 @@ def local_weight(weighting: str, w_max: float, w_fixed: float, s: torch.Tensor |
     return 1.0 - w_max * s  # official: the similarity weights the global adapter
 
 
+def global_local(w_local: torch.Tensor) -> torch.Tensor:
+    """Per row the pair (w_global, w_local), float32, in the order the bank mixes (global, local): how the
+    evaluation and the server both turn `local_weight` into a row's mix weights."""
+    return torch.stack([1.0 - w_local, w_local], dim=1).float()
+
+
 class FedDPATParams(FedDPAParams):
     # a = 0 would give the local adapter no gradient at all: it would never be trained.
     a: float = Field(default=0.5, gt=0, le=1, description="weight of the local adapter in FedDPA-T's local step")
@@ -145,7 +151,7 @@ class _FedDPA(Method):
         p = self.params
         return RouterState("mix", adapters=["global"], params={
             "weighting": p.weighting, "w_max": p.w_max, "w_fixed": p.w_fixed, "k": p.k, "references": p.references,
-            "h_text": p.h_text, "seed": self.fed.seed, "export_references": p.export_references})
+            "h_text": p.h_text, "seed": self.fed.seed})
 
     # ------------------------------------------------------------------ client side
     def _local(self, client: Client) -> AdapterWeights:
@@ -219,7 +225,7 @@ class _FedDPA(Method):
         g, l = names.index("global"), names.index("local")
         w_local = self.local_weights(client, records, rt)
         idx = torch.tensor([[g, l]], dtype=torch.long).repeat(len(records), 1)
-        return RowMix(idx, torch.stack([1.0 - w_local, w_local], dim=1).float())
+        return RowMix(idx, global_local(w_local))
 
     def eval_report(self, mode: str, routed) -> dict[str, Any]:
         """Per client: w_local's mean / min / max, its mean per task, and the per-row list (row order of the

@@ -147,9 +147,9 @@ def build_app(served: Served) -> FastAPI:
             raise BadRequest("top_p: must be in (0, 1].", "top_p")
         if req.seed is not None and not 0 <= req.seed < 2 ** 63:
             raise BadRequest("seed: must be between 0 and 2**63 - 1.", "seed")
-        # Without a seed, a fresh one per request (OpenAI's behaviour): sampled answers differ run to run.
-        seed = req.seed if req.seed is not None else secrets.randbits(63)
-        sampling = GREEDY if temperature == 0 else Sampling(temperature, top_p, seed)
+        # Without a seed, a fresh one per sampled request (OpenAI's behaviour): answers differ run to run.
+        sampling = GREEDY if temperature == 0 else Sampling(
+            temperature, top_p, req.seed if req.seed is not None else secrets.randbits(63))
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         if not 1 <= max_tokens <= lim.max_tokens:
             raise BadRequest(f"max_tokens: must be between 1 and {lim.max_tokens}.", "max_tokens")

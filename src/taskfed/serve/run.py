@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from taskfed.config import load_config
 from taskfed.data.prompts import render
 from taskfed.errors import TaskfedError
-from taskfed.methods.feddpa import draw_references, local_weight, mean_cosine
+from taskfed.methods.feddpa import draw_references, global_local, local_weight, mean_cosine
 from taskfed.model.bank import AdapterWeights
 from taskfed.model.peft_io import check_weights, load_adapter
 from taskfed.routing import RouterState, read_router
@@ -166,8 +166,8 @@ class ServedRun:
                              "model_not_found")
         p = self.router.params
         if p.get("weighting") == "fixed":
-            w = local_weight("fixed", 0.0, float(p["w_fixed"]), None, 1)
-            return Ask(names=["global", f"local@{client}"], weights=torch.stack([1.0 - w, w], dim=1)[0].tolist())
+            w = global_local(local_weight("fixed", 0.0, float(p["w_fixed"]), None, 1))
+            return Ask(names=["global", f"local@{client}"], weights=w[0].tolist())
         if client not in self.references:
             raise BadRequest(f"model '{model}': FedDPA's '{p.get('weighting')}' weighting needs client '{client}''s "
                              f"reference states, which this run folder does not hold (train with "
@@ -228,6 +228,5 @@ class ServedRun:
                 s = mean_cosine(h_x, refs[torch.as_tensor(drawn)]).reshape(1)
             else:  # a client without training rows: s = 0, as in the evaluation
                 s = torch.zeros(1)
-            w = local_weight(p["weighting"], float(p["w_max"]), float(p["w_fixed"]), s, 1)
-            out.append(torch.stack([1.0 - w, w], dim=1)[0].tolist())
+            out.append(global_local(local_weight(p["weighting"], float(p["w_max"]), float(p["w_fixed"]), s, 1))[0].tolist())
         return out
