@@ -77,7 +77,7 @@ def test_report_aggregates_seeds_and_checks_claims(tmp_path: Path):
     # The P claim holds here: the gap 0.09 exceeds 0.0497 + 0.0248.
     claim = next(line for line in text.splitlines() if line.startswith("| FedDPA-F: above FedIT on P"))
     assert "0.4100 vs fedavg 0.3200" in claim and "| yes |" in claim
-    assert claim.endswith("| n/a (no per-row scores) | | n/a |")  # these runs have no scores.csv to pair
+    assert claim.endswith("| n/a (no per-row scores) | | n/a | n/a |")  # these runs have no scores.csv to pair
 
 
 def _scores_csv(folder: Path, values: list[float]) -> None:
@@ -101,7 +101,8 @@ def test_report_pairs_methods_on_their_rows_and_against_the_base_model(tmp_path:
             _scores_csv(folder, list(rows))
     text = build_report(tmp_path)
     claim = next(line for line in text.splitlines() if line.startswith("| FedDPA-F: above FedIT on P"))
-    assert "+0.1000 [+0.1000, +0.1000] (n = 80) vs fedavg" in claim and claim.endswith("| supported |")
+    assert "+0.1000 [+0.1000, +0.1000] (n = 80) vs fedavg" in claim
+    assert claim.endswith("| supported | 2 (met) |")  # no spread: any two pairs give a +-0.03 interval
     lines = text.splitlines()
     assert any(line.startswith("| feddpa-f | local | +0.1000") and line.endswith("| supported |") for line in lines)
     assert any(line.startswith("| fedavg | local | +0.0000") and line.endswith("| inconclusive at this budget |")
@@ -236,6 +237,12 @@ def test_shipped_suites_validate_and_cover_the_three_papers():
         assert {"feddpa-f", "feddpa-t", "fedrouter", "fltac", "fedavg"} <= methods
         assert {c.seed for c in grid} == {0, 1, 2}
         assert {c.cfg.scenario.name for c in grid} >= {"single", "dual", "dirichlet"}
+    # FedRouter's two claims at the full test split: every test row of the 4 training and 4 held-out tasks.
+    grid = cells(load_suite(root / "evidence-interference.toml"), "evidence-interference")
+    assert {c.method for c in grid} == {"fedavg", "fedrouter", "base"}
+    for c in grid:
+        assert c.cfg.eval.max_rows_per_task == 200 and c.cfg.eval.modes == ["global", "unseen"]
+        assert len(c.cfg.data.unseen_tasks) == 4 and not set(c.cfg.data.unseen_tasks) & set(c.cfg.data.tasks)
 
 
 def test_bench_cli_smoke_and_device_flag(suite_file: Path, tmp_path: Path):

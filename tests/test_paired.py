@@ -54,6 +54,24 @@ def test_the_interval_narrows_with_more_rows_and_pairs_only_shared_keys():
     assert paired({1: 0.5}, {1: 0.4}) is None
 
 
+def test_pairs_for_sizes_a_bench_from_a_pilot():
+    """A pilot of 100 pairs with differences of sd 0.2: (1.96 * 0.2 / 0.03)^2 ~ 171 pairs for +-0.03, and a
+    bench of that size does get an interval of about +-0.03 (the bootstrap's percentile interval, not the
+    normal formula, so within 15%)."""
+    rng = np.random.default_rng(4)
+    def pairs(n):
+        b = rng.uniform(0.2, 0.6, n)
+        return dict(enumerate(b + rng.normal(0.05, 0.2, n))), dict(enumerate(b))
+    pilot = paired(*pairs(100))
+    assert pilot.sd == pytest.approx(0.2, rel=0.15)
+    need = pilot.pairs_for(0.03)
+    assert need == int(np.ceil((1.959964 * pilot.sd / 0.03) ** 2)) and 120 < need < 240
+    assert pilot.half_width > 0.03  # the pilot is too small, and the sizing says by how much
+    sized = paired(*pairs(need))
+    assert sized.half_width == pytest.approx(0.03, rel=0.15)
+    assert paired(*pairs(4 * need)).half_width == pytest.approx(0.015, rel=0.15)  # 1 / sqrt(n)
+
+
 def test_identical_differences_need_no_resampling():
     a = {i: 0.5 for i in range(8)}
     same = paired(a, dict(a))

@@ -7,6 +7,8 @@ their mean, a 95% interval from a paired bootstrap over those pairs (scipy.stats
 two-sided sign-flip permutation p-value (scipy.stats.permutation_test, permutation_type="samples": under
 "no difference" each pair's two scores are exchangeable). The verdict follows from the interval alone:
 supported (it lies above zero), refuted (below zero), inconclusive at this budget (it holds zero).
+`pairs_for` says how many pairs an interval of a wanted half width would take at the spread measured (the
+normal approximation, z * sd / sqrt(n)): how a bench is sized from a pilot.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from scipy import stats
 
 LEVEL = 0.95
 RESAMPLES = 4999
+TARGET = 0.03  # the half width a claim's interval should have (issue 17): the report's "pairs for +-0.03"
 SEED = 0  # the bootstrap's and the permutation test's generator: a report is the same every time it is built
 
 
@@ -28,6 +31,7 @@ class Paired:
     low: float
     high: float
     p: float  # two-sided permutation p-value
+    sd: float = 0.0  # the differences' standard deviation (ddof 1)
 
     @property
     def verdict(self) -> str:
@@ -36,6 +40,11 @@ class Paired:
     @property
     def half_width(self) -> float:
         return (self.high - self.low) / 2
+
+    def pairs_for(self, half_width: float = TARGET, level: float = LEVEL) -> int:
+        """Pairs an interval of +-half_width needs at this spread: (z * sd / half_width)^2, at least 2."""
+        z = stats.norm.ppf(0.5 + level / 2)
+        return max(2, int(np.ceil((z * self.sd / half_width) ** 2)))
 
 
 def verdict(low: float, high: float) -> str:
@@ -67,4 +76,4 @@ def paired(a: dict, b: dict, level: float = LEVEL, resamples: int = RESAMPLES, s
                                   n_resamples=resamples, alternative="two-sided",
                                   random_state=np.random.default_rng(seed))
     return Paired(len(keys), float(d.mean()), float(ci.confidence_interval.low), float(ci.confidence_interval.high),
-                  float(perm.pvalue))
+                  float(perm.pvalue), float(d.std(ddof=1)))

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from taskfed.bench import figures
 from taskfed.bench.stats import CLAIMS, Summary, best_baseline, mean_ci, relative_gain
-from taskfed.bench.paired import Paired, paired
+from taskfed.bench.paired import TARGET, Paired, paired
 from taskfed.bench.suite import BASELINES, REFERENCE, SWEPT
 from taskfed.errors import TaskfedError
 from taskfed.evaluation.rows import FILE as SCORES, read_scores
@@ -266,7 +266,7 @@ def _gain_table(t: BenchTables, scenario: str) -> list[str]:
 
 def _claims(t: BenchTables) -> list[str]:
     lines = ["| claim | scenario | here (means over seeds) | by the means | paired difference in ROUGE-1 [95% CI] "
-             "| p | verdict |", "|---|---|---|---|---|---|---|"]
+             f"| p | verdict | pairs for ±{TARGET} |", "|---|---|---|---|---|---|---|---|"]
     any_row = False
     for claim in CLAIMS:
         for scenario in t.scenarios:
@@ -285,19 +285,31 @@ def _claims(t: BenchTables) -> list[str]:
 
 
 def _paired_cells(t: BenchTables, scenario: str, m: str, ref: str, claim) -> str:
-    """difference [interval] | p | verdict, paired on the rows both scored; per task for a per-task claim
-    (supported only if every task is, refuted if any is)."""
+    """difference [interval] | p | verdict | pairs an interval of +-TARGET would need at the measured spread,
+    paired on the rows both scored; per task for a per-task claim (supported only if every task is, refuted
+    if any is)."""
     if claim.kind != "per-task":
         p = t.paired(scenario, m, ref, claim.mode)
-        return "n/a (no per-row scores) | | n/a" if p is None else f"{_diff(p)} vs {ref} | {_p(p.p)} | {p.verdict}"
+        return (NO_ROWS if p is None else
+                f"{_diff(p)} vs {ref} | {_p(p.p)} | {p.verdict} | {_pairs(p)}")
     per = {k: t.paired(scenario, m, ref, claim.mode, k) for k in t.tasks(scenario, claim.mode)}
     if not per or any(p is None for p in per.values()):
-        return "n/a (no per-row scores) | | n/a"
+        return NO_ROWS
     words = [p.verdict for p in per.values()]
     overall = ("refuted" if "refuted" in words else "supported" if all(w == "supported" for w in words)
                else "inconclusive at this budget")
     diffs = "; ".join(f"{k} {_diff(p)}" for k, p in per.items())
-    return f"{diffs} vs {ref} | {', '.join(_p(p.p) for p in per.values())} | {overall}"
+    pairs = "; ".join(f"{k} {_pairs(p)}" for k, p in per.items())
+    return f"{diffs} vs {ref} | {', '.join(_p(p.p) for p in per.values())} | {overall} | {pairs}"
+
+
+NO_ROWS = "n/a (no per-row scores) | | n/a | n/a"
+
+
+def _pairs(p: Paired) -> str:
+    """The pairs for +-TARGET, and whether this bench already has them."""
+    need = p.pairs_for()
+    return f"{need} ({'met' if p.half_width <= TARGET else f'{need / p.n:.1f}x these'})"
 
 
 def _diff(p: Paired) -> str:
@@ -510,7 +522,10 @@ def build_report(folder: Path) -> str:
                   "same test rows and seeds (scores.csv; n counts test rows x seeds, each row's scores averaged over "
                   "the clients that answered it): the mean difference, a 95% paired bootstrap interval, a "
                   "sign-flip permutation p-value, and the verdict the interval gives: supported (above zero), "
-                  "refuted (below zero) or inconclusive at this budget.", ""] + claims + [""]
+                  "refuted (below zero) or inconclusive at this budget. The last column is how many pairs an "
+                  f"interval of ±{TARGET} would take at the spread measured here ((1.96 sd / {TARGET})^2, the "
+                  "normal approximation): 'met' when this interval is already that narrow, else the factor of "
+                  "test rows x seeds still missing.", ""] + claims + [""]
     lines += _accuracies(t)
     lines += _privacy(t, folder)
     lines += ["## Figures", ""] + _figures(t, folder)
