@@ -5,9 +5,11 @@ per request (what a user would write without taskfed).
     python benchmarks/serve.py                       # SmolLM2; builds a 1-round FedRouter run (8 cluster adapters) first
     python benchmarks/serve.py --run runs/fedrouter  # an existing run folder
     python benchmarks/serve.py --small               # tiny model, smoke run: checks the script, no figure to quote
+    python benchmarks/serve.py --device cuda         # every server on the GPU (a run built here: bfloat16)
 
 Each server runs alone in its own process (started, warmed up, measured at every concurrency, stopped), on
-127.0.0.1. The load: N clients (httpx, async) each sending its next request as soon as the last one is
+127.0.0.1, its model on `--device` in the run's dtype (the run this script builds: bfloat16 for cuda, float32
+for the cpu). The load: N clients (httpx, async) each sending its next request as soon as the last one is
 answered, `--requests` requests per level at most (default max(8, 2N)), no new request after `--budget-s`.
 Requests are FLAN test instructions of the run's tasks, round-robin, greedy, `max_tokens` = `--max-tokens`.
 taskfed is asked `model = "auto"` (its router picks the adapter: the embedding is part of the cost); the plain
@@ -23,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -44,20 +47,24 @@ class PlainRequest(BaseModel):
     max_tokens: int = 16
 
 
-def plain_server(run: Path, port: int) -> None:
+def plain_server(run: Path, port: int, device: str) -> None:
     """FastAPI + transformers + peft: one PeftModel holding every adapter of the run, `set_adapter` per request
-    and `generate` under a lock (peft's active adapter is model-wide state), one request at a time."""
+    and `generate` under a lock (peft's active adapter is model-wide state), one request at a time; the base
+    model on `device` in the run's dtype, as `taskfed serve` loads it."""
     import torch
     import uvicorn
     from fastapi import FastAPI
     from peft import PeftModel
 
+    from taskfed.config import load_config
     from taskfed.data.prompts import render
     from taskfed.model.loading import load_base
+    from taskfed.runtime import DTYPES
 
     doc = json.loads((run / "router.json").read_text())
     template = doc["template"]
-    model, tok = load_base(doc["base_model"])
+    dtype = DTYPES[load_config(run / "config.toml").model.dtype]
+    model, tok = load_base(doc["base_model"], dtype=dtype, device=device)
     peft_names = {name: name.replace("/", "_").replace("@", "_") for name in doc["adapters"]}
     first, *rest = sorted(doc["adapters"])
     model = PeftModel.from_pretrained(model, run / doc["adapters"][first], adapter_name=peft_names[first])
@@ -73,7 +80,7 @@ def plain_server(run: Path, port: int) -> None:
 
     @app.post("/v1/completions")
     def completions(req: PlainRequest) -> dict:  # a plain def: FastAPI runs it in its thread pool
-        ids = tok(render(template, req.prompt), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = tok(render(template, req.prompt), add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
         with lock, torch.inference_mode():
             model.set_adapter(peft_names[req.model])
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=req.max_tokens,
@@ -88,12 +95,19 @@ def plain_server(run: Path, port: int) -> None:
 
 
 # ----------------------------------------------------------------- servers as subprocesses
+def child_env() -> dict[str, str]:
+    """The caller's environment with src/ first on PYTHONPATH. The caller's entries stay (packages may be
+    found only through them), made absolute: a child may run in another folder."""
+    given = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    paths = dict.fromkeys(os.path.abspath(p) for p in [str(ROOT / "src"), *given])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "FLWR_TELEMETRY_ENABLED": "0"}
+
+
 class Server:
     def __init__(self, label: str, command: list[str], port: int):
         self.label, self.url = label, f"http://127.0.0.1:{port}"
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "FLWR_TELEMETRY_ENABLED": "0"}
         self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(command, env=child_env(), stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 600.0) -> None:
         import httpx
@@ -173,16 +187,18 @@ def build_run(args) -> Path:
         return run
     # FedRouter under task interference: 8 clients x 2 FLAN tasks, 8 global clusters (one adapter each, all
     # trained: schedule "all"), the router at embed_layers 4. Throughput does not depend on how well trained
-    # the adapters are, so one short round.
-    print(f"building the run folder {run} (FedRouter dual, 8 FLAN tasks, {'--smoke' if args.small else '1 round'})",
-          flush=True)
+    # the adapters are, so one short round. Built on --device; on cuda in bfloat16, the dtype every server
+    # then loads the model in (taskfed serve takes the run's).
+    dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    print(f"building the run folder {run} (FedRouter dual, 8 FLAN tasks, {'--smoke' if args.small else '1 round'}, "
+          f"{args.device}, {dtype})", flush=True)
     budget = ["--smoke"] if args.small else ["--set", "train.rounds=1", "--set", "train.steps=1", "--set", "train.batch=4",
                                              "--set", "eval.max_rows_per_task=1", "--set", "eval.modes=['local']"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "FLWR_TELEMETRY_ENABLED": "0"}
     subprocess.run([*CLI, "run", str(ROOT / "configs" / "fedrouter-dual.toml"), "--out", str(run),
                     "--set", f"data.path={FLAN}", "--set", "method.schedule=all",
                     "--set", f"method.embed_layers={1 if args.small else 4}",  # the tiny model has 2 layers
-                    *budget], check=True, env=env, cwd=ROOT)
+                    "--set", f"model.device={args.device}", "--set", f"model.dtype={dtype}",
+                    *budget], check=True, env=child_env(), cwd=ROOT)
     return run
 
 
@@ -204,10 +220,17 @@ def instructions(run: Path, n: int, max_prompt_tokens: int) -> list[str]:
     return [by_task[tasks[i % len(tasks)]][i // len(tasks) % len(by_task[tasks[i % len(tasks)]])] for i in range(n)]
 
 
+def device(value: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected cpu, cuda or cuda:N")
+    return value
+
+
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", help="run folder to serve (default: runs/serve-bench/fedrouter[-small], built if missing)")
+    ap.add_argument("--run", help="run folder to serve (default: runs/serve-bench/fedrouter[-small][-bf16], built if missing)")
     ap.add_argument("--small", action="store_true", help="tiny model and a smoke run: a check of the script")
+    ap.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N: where every server puts the model")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--requests", type=int, help="requests per level (default max(8, 2 x clients))")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -220,28 +243,33 @@ def parse(argv=None):
     ap.add_argument("--plain-server", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    args.run = args.run or str(ROOT / "runs" / "serve-bench" / ("fedrouter-small" if args.small else "fedrouter"))
+    # A run folder per dtype: one built for the cpu (float32) is not reused for cuda (bfloat16).
+    name = "fedrouter" + ("-small" if args.small else "") + ("-bf16" if args.device.startswith("cuda") else "")
+    args.run = args.run or str(ROOT / "runs" / "serve-bench" / name)
     return args
 
 
 def main(argv=None) -> None:
     args = parse(argv)
     if args.plain_server:
-        return plain_server(Path(args.plain_server), args.port)
+        return plain_server(Path(args.plain_server), args.port, args.device)
     import torch
 
+    from taskfed.config import load_config
     from taskfed.flower.local import free_port
 
     run = build_run(args)
     doc = json.loads((run / "router.json").read_text())
     texts = instructions(run, max(args.concurrency) * 2, args.max_prompt_tokens)
-    print(f"serving {run} ({doc['method']}, {doc['base_model']}, {len(doc['adapters'])} adapters) on CPU, "
-          f"{os.cpu_count()} cores (torch threads {torch.get_num_threads()}); {len(texts)} distinct prompts, "
+    cpu = f"{os.cpu_count()} cores (torch threads {torch.get_num_threads()})"
+    where = f"{args.device} ({torch.cuda.get_device_name(args.device)}), {cpu}" if args.device != "cpu" else f"CPU, {cpu}"
+    print(f"serving {run} ({doc['method']}, {doc['base_model']}, {len(doc['adapters'])} adapters, "
+          f"{load_config(run / 'config.toml').model.dtype}) on {where}; {len(texts)} distinct prompts, "
           f"max_tokens {args.max_tokens}, greedy", flush=True)
     serve = [*CLI, "serve", str(run), "--max-queue", "4096", "--timeout", "3600",
-             "--max-tokens", str(max(args.max_tokens, 16))]
+             "--max-tokens", str(max(args.max_tokens, 16)), "--device", args.device]
     commands = {"batched": serve + ["--max-batch", str(args.max_batch)], "one-at-a-time": serve + ["--max-batch", "1"],
-                "plain-peft": [sys.executable, __file__, "--plain-server", str(run)]}
+                "plain-peft": [sys.executable, __file__, "--plain-server", str(run), "--device", args.device]}
     results: dict[str, list[dict]] = {}
     prompts: list[tuple[str, str]] | None = None
     order = sorted(args.servers, key=lambda s: s == "plain-peft")  # a taskfed server first: it names the adapters

@@ -28,7 +28,7 @@ def test_uploads_reach_the_server_pack_by_pack_and_the_engine_keeps_none(tiny_ru
     packs = []
     real = engine_mod.train_pack
     monkeypatch.setattr(engine_mod, "train_pack",
-                        lambda rt, specs, times: (packs.append(len(specs)), real(rt, specs, times))[1])
+                        lambda rt, specs, *args: (packs.append(len(specs)), real(rt, specs, *args))[1])
     arrivals, refs = [], []
     aggregate = exp.method.aggregate
 

@@ -271,6 +271,32 @@ def test_static_cache_generation_gives_the_tokens_of_plain_generate(routed):
     assert gen.static_generate(rt, prompts, mix, 12) == gen.plain_generate(rt, prompts, mix, 12)
 
 
+def test_batch_buckets_are_powers_of_two_up_to_the_batch_size():
+    assert [gen.batch_bucket(n, 16) for n in range(1, 18)] == [1, 2, 4, 4] + [8] * 4 + [16] * 8 + [17]
+    assert [gen.batch_bucket(n, 12) for n in (5, 8, 9, 12, 13)] == [8, 8, 12, 12, 13]  # a cap off the powers
+
+
+def test_static_cache_generation_pads_the_batch_to_a_bucket(routed, monkeypatch):
+    # Batches of 1..9 rows call `generate` at powers of two only (3 rows at 4, 5 at 8: the pad rows' outputs
+    # dropped), at widths of the width step, and the real rows get plain generate's tokens.
+    rt, prompts, mix = routed
+    assert rt.cfg.eval.batch_size == 16
+    shapes = []
+    generate = rt.model.generate
+
+    def recording(*a, **kw):
+        if kw["generation_config"].cache_implementation == "static":
+            shapes.append(tuple(kw["input_ids"].shape))
+        return generate(*a, **kw)
+
+    monkeypatch.setattr(rt.model, "generate", recording)
+    for n in range(1, 10):
+        some, some_mix = prompts[:n], mix.select(torch.arange(n))
+        assert gen.static_generate(rt, some, some_mix, 8) == gen.plain_generate(rt, some, some_mix, 8)
+    assert [b for b, _ in shapes] == [1, 2, 4, 4, 8, 8, 8, 8, 16]
+    assert all(w % gen.CUDA_WIDTH_STEP == 0 for _, w in shapes)
+
+
 def test_generation_is_independent_of_the_bucketing(routed, monkeypatch):
     rt, prompts, mix = routed
     whole = gen.fast_generate(rt, prompts, mix, 10)

@@ -195,8 +195,8 @@ def test_an_upload_with_nan_is_dropped_and_the_others_aggregate(tiny_runtime_fac
     exp = Experiment(cfg, rt=tiny_runtime_factory(cfg))
     real = engine_mod.train_pack
 
-    def poisoned(rt, specs, times=None):  # client 3's training diverges
-        out = real(rt, specs, times)
+    def poisoned(rt, specs, *args):  # client 3's training diverges
+        out = real(rt, specs, *args)
         for spec, (weights, _) in zip(specs, out):
             if spec.rows == [rt.encode(r) for r in exp.clients["3"].records]:
                 key = next(iter(weights))

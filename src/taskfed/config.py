@@ -80,9 +80,16 @@ class TrainConfig(_Strict):
     lr_max: float = Field(default=5e-4, gt=0, le=10)
     lr_min: float = Field(default=1e-5, ge=0, le=10)
     concurrent: bool = Field(default=True, description="pack several jobs into one batch on the bank")
-    # Packing pays on a GPU (fills it); on a CPU a step is compute-bound and activation memory grows with
-    # the rows of a forward pass (64 x 256 tokens of SmolLM2 take about 20 GB), so keep it small there.
-    max_rows_per_batch: int = Field(default=16, ge=1, le=65_536, description="rows per forward pass when packing")
+    # How rows become forward passes (taskfed/packing.py). "auto": on CUDA every job of a round packed into
+    # sequences of several rows and as few passes as the free memory allows (the host's dispatching, not
+    # arithmetic, bounds a GPU step); elsewhere one row per sequence, 16 rows per pass (a CPU step is
+    # compute-bound and activation memory grows with the rows: 64 x 256 tokens of SmolLM2 take about 20 GB).
+    packing: Literal["auto", "rows", "tokens"] = Field(default="auto", description="rows per sequence: one or several")
+    max_rows_per_batch: int | None = Field(default=None, ge=1, le=65_536,
+                                           description="rows per forward pass (default: 16 in the rows layout, "
+                                                       "the memory budget in the tokens layout)")
+    max_tokens_per_pass: int | None = Field(default=None, ge=1, le=1 << 24,
+                                            description="tokens per forward pass (default: from free memory)")
     # A round in which fewer clients' uploads arrive (nodes died or timed out) never counts: it is retried
     # from the last checkpoint `round_retries` times, then the run stops with the checkpoint kept.
     min_replies: int = Field(default=1, ge=1, le=1_000_000, description="clients whose uploads a round needs")

@@ -40,7 +40,7 @@ class Runtime:
         self.device = next(model.parameters()).device
         check_fit(model, cfg)  # layer names and LoRA memory, before the bank allocates
         self.bank = AdapterBank(model, n_slots=4, r=cfg.lora.r, alpha=cfg.lora.alpha,
-                                target_modules=cfg.lora.target_modules, dtype=DTYPES[cfg.model.dtype])
+                                target_modules=cfg.lora.target_modules)
         self._encoded: dict[tuple[str, str], Encoded] = {}
         # Keyed by (depth, text): depth None is methods.md's embed(x) (all layers), an int the first
         # `depth` decoder layers (FedRouter's `embed_layers`), so two depths never mix.
@@ -85,8 +85,7 @@ class Runtime:
 
     def load_slots(self, adapters: list[AdapterWeights]) -> None:
         self.ensure_slots(len(adapters))
-        for slot, weights in enumerate(adapters):
-            self.bank.load(slot, weights)
+        self.bank.load_many(adapters)
 
     def init_adapter(self) -> AdapterWeights:
         return self.bank.init_adapter(self.cfg.seed)

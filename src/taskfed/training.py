@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from taskfed import progress
-from taskfed.model.bank import AdapterWeights, RowMix
+from taskfed import packing, progress
+from taskfed.model.bank import AdapterWeights, RowMix, TokenMix
 from taskfed.runtime import Encoded, Runtime
 
 IGNORE = -100
@@ -132,23 +132,186 @@ def _prox(rt: Runtime, slot: int, ref: AdapterWeights) -> torch.Tensor:
 def make_optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
     """AdamW over the bank's stacked tensors. Elementwise, so each slot's moments and update depend on
     that slot's gradient alone: one optimizer here is one optimizer per adapter. Anything that couples
-    elements (gradient-norm clipping, weight decay on untouched slots, Adafactor) would break that."""
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    elements (gradient-norm clipping, weight decay on untouched slots, Adafactor) would break that.
+    Fused: one kernel per step for all tensors, and its step counts stay on the device (the foreach
+    version reads each one back to the host, a sync per tensor and step)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
 
 
 @dataclass
-class PackTimes:
-    """Where a pack's time went: forward + backward + optimizer step, against everything around them."""
+class PackStats:
+    """What a round's packs did: seconds in forward + backward + optimizer steps, real tokens and tokens
+    computed (padding included), forward passes and steps. `counter` (an OpCounter), when given, counts
+    the ops of every step after the first (the first one warms caches up and allocates)."""
 
     compute: float = 0.0
     tokens: int = 0
+    computed: int = 0
+    passes: int = 0
+    steps: int = 0
+    counter: object | None = None
+
+    @property
+    def padding_share(self) -> float:
+        return 1.0 - self.tokens / self.computed if self.computed else 0.0
 
 
-def train_pack(rt: Runtime, specs: list[TrainSpec], times: PackTimes | None = None) -> list[tuple[AdapterWeights, float]]:
-    """Trains every spec (same steps and lr) in one batch per step; returns (weights, mean train loss) each."""
+@dataclass
+class _Pass:
+    """One forward pass, on the device: ids, positions and segment ids (sequences x width), the loss
+    positions (flat indices into sequences x width), their targets and jobs, and the bank's mix."""
+
+    ids: torch.Tensor
+    pos: torch.Tensor
+    seg: torch.Tensor
+    sel: torch.Tensor
+    target: torch.Tensor
+    owner: torch.Tensor
+    mix: object
+
+
+def _block_mask(seg: torch.Tensor, eager: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Causal attention inside each row of a packed sequence (equal segment ids), as transformers takes a
+    ready 4D mask (used as it is: no check that reads it back). Padding has its own segment, so every query
+    attends to at least itself (no all-masked row, no NaN)."""
+    width = seg.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=seg.device).tril()
+    mask = ((seg.unsqueeze(2) == seg.unsqueeze(1)) & causal).unsqueeze(1)
+    if eager:  # eager attention adds its mask to the scores
+        return torch.zeros(mask.shape, dtype=dtype, device=seg.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    return mask
+
+
+class _PackPlan:
+    """Every step's passes of a pack, built on the host once and moved to the device in one copy per dtype
+    (pinned, not waited for), so that a step reads nothing back and copies nothing from the host."""
+
+    def __init__(self, rt: Runtime, specs: list["TrainSpec"], frozen_slots: dict[int, int], layout: packing.Layout):
+        device = rt.device
+        n_jobs = len(specs)
+        orders = [sample_order(len(s.rows), s.steps * s.batch, s.seed) for s in specs]
+        n_slots = n_jobs + len(frozen_slots)
+        # Token mix (tokens layout): a job's row of weights over the pack's slots; row n_jobs, padding, is zero.
+        table = torch.zeros(n_jobs + 1, n_slots)
+        terms = []
+        for j, s in enumerate(specs):
+            table[j, j] = s.scale * rt.bank.scale
+            extra = [(frozen_slots[id(fw)], coef) for fw, coef in s.frozen]
+            for slot, coef in extra:
+                table[j, slot] += coef * rt.bank.scale
+            terms.append([(j, s.scale, False)] + [(slot, coef, True) for slot, coef in extra])
+        longs, floats, bools, layouts = [], [], [], []
+        counts = torch.zeros(specs[0].steps, n_jobs)
+        self.tokens, self.computed, self.n_passes = 0, 0, 0
+        for step in range(specs[0].steps):
+            items = [(j, s.rows[i]) for j, s in enumerate(specs)
+                     for i in orders[j][step * s.batch:(step + 1) * s.batch]]
+            plan = packing.plan_step([len(r.ids) for _, r in items], layout)
+            self.computed += plan.computed_tokens()
+            self.tokens += sum(len(r.ids) for _, r in items)
+            for j, row in items:
+                counts[step, j] += len(row.ids) - row.n_prompt
+            step_passes = []
+            for seqs, width in zip(plan.passes, plan.widths):
+                ids = torch.full((len(seqs), width), rt.tokenizer.pad_token_id, dtype=torch.long)
+                pos = torch.zeros((len(seqs), width), dtype=torch.long)
+                seg = torch.full((len(seqs), width), -1, dtype=torch.long)
+                tok_job = torch.full((len(seqs), width), n_jobs, dtype=torch.long)
+                sel, target, owner = [], [], []
+                for p, seq in enumerate(seqs):
+                    offset = 0
+                    for k, item in enumerate(seq):
+                        j, row = items[item]
+                        n = len(row.ids)
+                        ids[p, offset:offset + n] = torch.tensor(row.ids)
+                        pos[p, offset:offset + n] = torch.arange(n)
+                        seg[p, offset:offset + n] = k
+                        tok_job[p, offset:offset + n] = j
+                        # hidden[t] predicts ids[t + 1]: the loss positions are the response's, shifted by one
+                        first = p * width + offset + row.n_prompt - 1
+                        sel.append(torch.arange(first, first + n - row.n_prompt))
+                        target.append(torch.tensor(row.ids[row.n_prompt:]))
+                        owner.append(torch.full((n - row.n_prompt,), j))
+                        offset += n
+                tensors = [ids, pos, seg, torch.cat(sel), torch.cat(target), torch.cat(owner)]
+                if layout.tokens:
+                    tensors.append(tok_job)
+                else:  # one row per sequence: the row's own terms, padded to K with zero weight on its own slot
+                    rows_terms = [terms[items[seq[0]][0]] for seq in seqs]
+                    k = max(map(len, rows_terms))
+                    rows_terms = [t + [(t[0][0], 0.0, True)] * (k - len(t)) for t in rows_terms]
+                    tensors.append(torch.tensor([[t[0] for t in r] for r in rows_terms]))
+                    floats.append(torch.tensor([[t[1] for t in r] for r in rows_terms], dtype=torch.float32))
+                    bools.append(torch.tensor([[t[2] for t in r] for r in rows_terms]))
+                longs.extend(tensors)
+                step_passes.append(len(tensors))
+            layouts.append(step_passes)
+            self.n_passes += len(plan.passes)
+        floats.append(counts.clamp(min=1))
+        if layout.tokens:
+            floats.append(table)
+            bools.append(torch.arange(n_slots) >= n_jobs)  # frozen slots: no token trains them
+        longs, floats, bools = (_to_device(ts, device) for ts in (longs, floats, bools))
+        self.counts = floats[-2] if layout.tokens else floats[-1]
+        eager = rt.model.config._attn_implementation == "eager"
+        dtype = next(rt.model.parameters()).dtype
+        self.steps: list[list[_Pass]] = []
+        li = fi = bi = 0
+        for step_passes in layouts:
+            passes = []
+            for n_tensors in step_passes:
+                ids, pos, seg, sel, target, owner, last = longs[li:li + n_tensors]
+                li += n_tensors
+                if layout.tokens:
+                    frozen = bools[-1]
+                    w = floats[-1].index_select(0, last.reshape(-1)).view(*last.shape, n_slots)
+                    mix = TokenMix(w, frozen, any_frozen=bool(frozen_slots))
+                else:
+                    w, det = floats[fi], bools[bi]
+                    fi, bi = fi + 1, bi + 1
+                    # Term 0 is each row's own slot (trained); every later term is frozen or zero padding.
+                    mix = RowMix(last, w, det, terms_detached=(False,) + (True,) * (last.shape[1] - 1))
+                passes.append(_Pass(ids, pos, seg, sel, target, owner, mix))
+            self.steps.append(passes)
+        self.eager, self.dtype = eager, dtype
+
+
+def _to_device(tensors: list[torch.Tensor], device) -> list[torch.Tensor]:
+    """One host-to-device copy for many small tensors of one dtype: concatenated, pinned on CUDA, split back."""
+    if not tensors:
+        return []
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    if torch.device(device).type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = flat.to(device)
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def _job_sums(rt: Runtime, p: _Pass, n_jobs: int, eager: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Each job's summed token loss over one pass (n_jobs, on the device): only the loss positions are
+    projected onto the vocabulary (`token_losses`), picked by index, never by a boolean mask."""
+    mask = _block_mask(p.seg, eager, dtype)
+    with rt.bank.mixing(p.mix):
+        hidden = rt.decoder()(input_ids=p.ids, attention_mask=mask, position_ids=p.pos,
+                              use_cache=False).last_hidden_state
+    flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, p.sel)
+    losses = token_losses(flat, rt.model.get_output_embeddings(), p.target)
+    return torch.zeros(n_jobs, device=losses.device, dtype=losses.dtype).index_add(0, p.owner, losses)
+
+
+def train_pack(rt: Runtime, specs: list[TrainSpec], stats: PackStats | None = None,
+               layout: packing.Layout | None = None) -> list[tuple[AdapterWeights, float]]:
+    """Trains every spec (same steps and lr) together; returns (weights, mean train loss) each.
+
+    A step is one or more forward passes (the layout's plan; gradients add up over them) and one AdamW
+    step. Each job's loss is its own token mean over the step's rows, whichever passes they fell in, and
+    the pack's loss is their sum, so every slot's gradient is its job's. Nothing in a step reads a device
+    value back: the losses stay on the device until the pack ends."""
     if len({(s.steps, s.lr) for s in specs}) != 1:
         raise ValueError("a pack needs one step count and one learning rate")
     steps, lr = specs[0].steps, specs[0].lr
+    layout = layout or layout_of(rt)
     # Slots: one per trained spec, then one per distinct frozen adapter.
     frozen_slots: dict[int, int] = {}
     frozen_list: list[AdapterWeights] = []
@@ -161,56 +324,58 @@ def train_pack(rt: Runtime, specs: list[TrainSpec], times: PackTimes | None = No
     bank = rt.bank
     bank.set_trainable(True)
     optimizer = make_optimizer(bank.parameters(), lr)
-    orders = [sample_order(len(s.rows), s.steps * s.batch, s.seed) for s in specs]
-    losses = [[] for _ in specs]
-    pad_id = rt.tokenizer.pad_token_id
+    plan = _PackPlan(rt, specs, frozen_slots, layout)
     like = bank.parameters()[0]  # proximal references moved to the device once, not at every step
     prox_refs = {j: {k: v.to(like.device, like.dtype) for k, v in s.prox_ref.items()}
                  for j, s in enumerate(specs) if s.prox_mu > 0 and s.prox_ref is not None}
+    stats = stats if stats is not None else PackStats()
+    step_losses = []
+    counting = False
     try:
         rt.model.train()
-        for step in range(steps):
-            rows, idx, w, det, owner = [], [], [], [], []
-            for j, s in enumerate(specs):
-                picked = orders[j][step * s.batch:(step + 1) * s.batch]
-                terms = [(j, s.scale, False)] + [(frozen_slots[id(fw)], coef, True) for fw, coef in s.frozen]
-                for i in picked:
-                    rows.append(s.rows[i])
-                    idx.append([t[0] for t in terms])
-                    w.append([t[1] for t in terms])
-                    det.append([t[2] for t in terms])
-                    owner.append(j)
-            k = max(len(r) for r in idx)  # pad terms to K with zero-weight entries on the row's own slot
-            for r_idx, r_w, r_d in zip(idx, w, det):
-                while len(r_idx) < k:
-                    r_idx.append(r_idx[0]); r_w.append(0.0); r_d.append(True)
-            mix = RowMix(torch.tensor(idx), torch.tensor(w, dtype=torch.float32), torch.tensor(det))
-            ids, mask, labels = collate(rows, pad_id, rt.device)
+        for step, passes in enumerate(plan.steps):
+            if step == 1 and stats.counter is not None:
+                stats.counter.__enter__()
+                counting = True
             tic = time.perf_counter()
-            with bank.mixing(mix):
-                sums, counts = row_losses(rt, ids, mask, labels)
-            owner_t = torch.tensor(owner, device=sums.device)
-            total, step_losses = 0.0, []
-            for j, s in enumerate(specs):
-                sel = owner_t == j
-                job_loss = sums[sel].sum() / counts[sel].sum().clamp(min=1)
-                step_losses.append(job_loss.detach())
-                total = total + job_loss
-                if j in prox_refs:
-                    total = total + 0.5 * s.prox_mu * _prox(rt, j, prox_refs[j])
             optimizer.zero_grad(set_to_none=False)
-            total.backward()
+            sums = None
+            for i, p in enumerate(passes):
+                job_sums = _job_sums(rt, p, len(specs), plan.eager, plan.dtype)
+                total = (job_sums / plan.counts[step]).sum()
+                if i == len(passes) - 1:
+                    for j, ref in prox_refs.items():
+                        total = total + 0.5 * specs[j].prox_mu * _prox(rt, j, ref)
+                total.backward()
+                sums = job_sums.detach() if sums is None else sums + job_sums.detach()
             optimizer.step()
-            for j, value in enumerate(torch.stack(step_losses).tolist()):  # one device sync per step, not per job
-                losses[j].append(value)
-            if times is not None:
-                times.compute += time.perf_counter() - tic
-                times.tokens += int(mask.sum())
+            step_losses.append(sums / plan.counts[step])
+            stats.compute += time.perf_counter() - tic
             progress.advance()  # one step of the pack (the round's progress counts steps)
+        if counting:
+            stats.counter.__exit__(None, None, None)
+            counting = False
     finally:
+        if counting:
+            stats.counter.__exit__(None, None, None)
         rt.model.eval()
         bank.set_trainable(False)
-    return [(bank.read(j), float(np.mean(losses[j]))) for j in range(len(specs))]
+    stats.tokens += plan.tokens
+    stats.computed += plan.computed
+    stats.passes += plan.n_passes
+    stats.steps += steps
+    per_step = torch.stack(step_losses).tolist()  # the pack's one read-back of losses
+    return [(w, float(np.mean([row[j] for row in per_step]))) for j, w in enumerate(bank.read_many(len(specs)))]
+
+
+def layout_of(rt: Runtime) -> packing.Layout:
+    """The packing layout of `rt`'s config on its device (the token budget from the device's free memory)."""
+    from taskfed.model.loading import available_bytes
+
+    device = rt.device
+    free = available_bytes(str(device)) if device.type == "cuda" else None
+    elem = next(rt.model.parameters()).element_size()
+    return packing.layout_for(rt.cfg.train, device.type, rt.model.config, elem, free)
 
 
 @torch.no_grad()

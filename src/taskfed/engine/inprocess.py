@@ -12,7 +12,6 @@ and round, however many of its jobs share them), adapters uploaded, and arrays r
 from __future__ import annotations
 
 import zlib
-from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -31,7 +30,8 @@ from taskfed.model.peft_io import check_weights, n_bytes, save_adapter
 from taskfed.population import Population
 from taskfed.privacy import clip_update, updates_on
 from taskfed.runtime import Runtime
-from taskfed.training import PackTimes, TrainSpec, adapter_losses, cosine_lr, sample_order, train_pack
+from taskfed.packing import group_jobs
+from taskfed.training import PackStats, TrainSpec, adapter_losses, cosine_lr, layout_of, sample_order, train_pack
 
 
 def job_seed(seed: int, round_idx: int, client: str, adapter: str) -> int:
@@ -121,25 +121,6 @@ class InProcessEngine:
             frozen=[(client.resolve(w), coef) for w, coef in job.frozen])
         return spec, len(records), chosen
 
-    def _packs(self, specs: list[TrainSpec]) -> list[list[int]]:
-        """Groups of spec indices trained together: same steps and lr, at most max_rows_per_batch rows."""
-        if not self.cfg.train.concurrent:
-            return [[i] for i in range(len(specs))]
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, s in enumerate(specs):
-            groups[(s.steps, s.lr)].append(i)
-        packs = []
-        for members in groups.values():
-            current, rows = [], 0
-            for i in members:
-                if current and rows + specs[i].batch > self.cfg.train.max_rows_per_batch:
-                    packs.append(current)
-                    current, rows = [], 0
-                current.append(i)
-                rows += specs[i].batch
-            packs.append(current)
-        return sorted(packs)
-
     # ----------------------------------------------------------------- a round
     def run(self, round_idx: int, jobs: list[Job]) -> tuple[list[Result], RoundStats]:
         """The round's results in plan order, all at once (a Flower node answers with the whole list)."""
@@ -163,13 +144,14 @@ class InProcessEngine:
         meta = [(n_rows, chosen, s.init) for s, n_rows, chosen in resolved]
         del resolved
         trained: dict[int, tuple] = {}
-        times = PackTimes()
-        packs = self._packs(specs)
+        times = PackStats()
+        layout = layout_of(self.rt)  # once per round: the token budget from the free memory before it
+        packs = group_jobs([(s.steps, s.lr) for s in specs], [s.batch for s in specs], layout, self.cfg.train.concurrent)
         progress.set_total(sum(specs[p[0]].steps for p in packs), "steps")  # advanced by train_pack, per step
         shapes = self.rt.bank.shapes()
         losses, ready = [], 0
         for pack in packs:
-            for i, out in zip(pack, train_pack(self.rt, [specs[i] for i in pack], times)):
+            for i, out in zip(pack, train_pack(self.rt, [specs[i] for i in pack], times, layout)):
                 trained[i] = out
                 specs[i] = None  # the spec's rows and starting weights are no longer needed
             stats.compute_seconds, stats.tokens = times.compute, times.tokens

@@ -2,8 +2,9 @@
 
 Two decoders, one per kind of device, both giving the tokens of plain greedy `model.generate`:
 - CUDA: `generate` with a static KV cache, which transformers compiles (CUDA graphs) for the decoding
-  steps; widths are rounded to a multiple of `CUDA_WIDTH_STEP` so that few shapes ever get compiled, and
-  a batch is kept whole (a GPU step costs the same at 16 rows or 64: splitting would only add steps).
+  steps; widths are rounded to a multiple of `CUDA_WIDTH_STEP` and the batch is padded up to a power of
+  two (`batch_bucket`) so that few shapes ever get compiled, and a batch is kept whole (a GPU step costs
+  the same at 16 rows or 64: splitting would only add steps).
 - CPU: a plain loop on a dynamic cache that drops finished rows (their cache, their mix) at each step, so
   a step costs what the unfinished rows cost; compute-bound, the CPU has no use for the static cache or
   graphs (measured in docs/throughput.md). Rows are split into buckets of similar prompt length, which
@@ -86,11 +87,26 @@ def plain_generate(rt: Runtime, prompts: list[list[int]], mix: RowMix, max_new_t
     return _trim(out[:, ids.shape[1]:].cpu(), rt.tokenizer.eos_token_id)
 
 
+def batch_bucket(n: int, cap: int) -> int:
+    """The batch size `n` rows are decoded at on the static cache: the next power of two, at most `cap` (the
+    configured batch size, so a full batch is not padded); `n` itself above `cap` (more rows are never cut)."""
+    if n >= cap:
+        return n
+    return min(1 << (n - 1).bit_length(), cap)
+
+
 @torch.no_grad()
 def static_generate(rt: Runtime, prompts: list[list[int]], mix: RowMix, max_new_tokens: int) -> list[list[int]]:
-    """The CUDA decoder: static KV cache (compiled decoding steps on CUDA), width rounded to a bucket.
-    Extra left padding changes no token: padded positions are masked and position ids start at each
-    row's first real token."""
+    """The CUDA decoder: static KV cache (compiled decoding steps on CUDA), width and batch rounded to a
+    bucket, so one graph per (batch bucket, width bucket) rather than one per batch size (an evaluation's
+    short last batch would compile its own). Extra left padding changes no token: padded positions are
+    masked and position ids start at each row's first real token."""
+    n = len(prompts)
+    # Pad rows repeat row 0, prompt and mix: they end when it does (no extra decoding step, which a blank
+    # row that never emits EOS would cost) and attend only to themselves; their outputs are dropped.
+    fill = list(range(n)) + [0] * (batch_bucket(n, rt.cfg.eval.batch_size) - n)
+    if len(fill) > n:
+        prompts, mix = [prompts[i] for i in fill], mix.select(torch.tensor(fill))
     step = CUDA_WIDTH_STEP
     width = -(-max(len(p) for p in prompts) // step) * step
     ids, mask = left_pad(prompts, rt.tokenizer.pad_token_id, width)
@@ -101,7 +117,7 @@ def static_generate(rt: Runtime, prompts: list[list[int]], mix: RowMix, max_new_
     with rt.bank.mixing(mix):
         out = rt.model.generate(input_ids=ids.to(rt.device), attention_mask=mask.to(rt.device),
                                 generation_config=config)
-    return _trim(out[:, width:].cpu(), rt.tokenizer.eos_token_id)
+    return _trim(out[:n, width:].cpu(), rt.tokenizer.eos_token_id)
 
 
 @dataclass

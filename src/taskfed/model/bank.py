@@ -5,11 +5,21 @@ tensors (A: N x r x d_in, B: N x d_out x r) and computing, for a batch with per-
 
     y = W0 x + sum_k w[row, k] * scale * B_{idx[row, k]} A_{idx[row, k]} x
 
-The mix is stored sparsely (idx, w: batch x K) because rows use one adapter (routing, several clients in
-one batch) or two (FedDPA), never all N: each row's cost is K small matmuls, whatever N is. Gathering
-A[idx] keeps autograd exact: a row's gradient reaches only the adapters it uses, so one optimizer over
-the stacked tensors equals one optimizer per adapter (AdamW is elementwise). A term can be marked
-`detached` (FedDPA-T's stop-gradient on the global adapter).
+Two ways to say the mix, one per use:
+- `RowMix` (generation, embedding, training rows one per sequence): sparse per row (idx, w: batch x K),
+  because rows use one adapter (routing, several clients in one batch) or two (FedDPA), never all N: each
+  row's cost is K small matmuls, whatever N is. Gathering A[idx] keeps autograd exact: a row's gradient
+  reaches only the adapters it uses. A term can be marked `detached` (FedDPA-T's stop-gradient).
+- `TokenMix` (training with several rows, of several jobs, packed into one sequence): dense weights per
+  token over the first n slots, computed as ONE rank n*r LoRA (x A_cat^T, times the weights, B_cat^T): a
+  handful of ops per layer whatever the number of jobs or rows, no per-row gather and no `index_put` in
+  backward. A token's weight on other slots is exactly zero, so their gradient from it is exactly zero.
+Either way one optimizer over the stacked tensors equals one optimizer per adapter (AdamW is elementwise).
+
+The stacked tensors are float32 whatever the base model's dtype (master weights): at lr 1e-5 an AdamW
+update to A is below bfloat16's resolution, so a bf16 bank would not train at all late in a run. A
+forward pass casts them to the activations' dtype (one cast per layer), and gradients reach the float32
+masters through the cast.
 
 An adapter outside the bank is a plain dict `{"<module path>.lora_A": r x d_in, ".lora_B": d_out x r}`
 (`AdapterWeights`), on the CPU in float32: that is what methods average and what travels.
@@ -35,6 +45,19 @@ class RowMix:
     idx: torch.Tensor
     w: torch.Tensor
     detached: torch.Tensor | None = None
+    # Per term k: does any row detach it. Read on the host while the mix is still there (`on`), so that a
+    # forward pass never reads a device tensor back.
+    terms_detached: tuple[bool, ...] | None = None
+
+    def on(self, device) -> "RowMix":
+        """The mix on `device`, its detached flags read first (on the host, where the mix is built)."""
+        k = self.idx.shape[1]
+        flags = self.terms_detached
+        if flags is None:
+            flags = (False,) * k if self.detached is None else tuple(bool(c) for c in self.detached.any(0).tolist())
+        nb = torch.device(device).type == "cuda"
+        move = lambda t: None if t is None else t.to(device, non_blocking=nb)  # noqa: E731
+        return RowMix(move(self.idx), move(self.w), move(self.detached), flags)
 
     @staticmethod
     def one_hot(slots: list[int] | torch.Tensor) -> "RowMix":
@@ -55,6 +78,17 @@ class RowMix:
         return RowMix(self.idx[rows], self.w[rows], det)
 
 
+@dataclass
+class TokenMix:
+    """Dense per-token weights over the bank's first n slots: w (batch x T x n, the LoRA scale included), and
+    `frozen` (n, bool, on the device) for slots no token trains (their terms are detached); `any_frozen`
+    says on the host whether there are any."""
+
+    w: torch.Tensor
+    frozen: torch.Tensor | None = None
+    any_frozen: bool = False
+
+
 class BankLinear(nn.Module):
     """A frozen nn.Linear plus N LoRA adapters, mixed per row by the bank's current RowMix."""
 
@@ -72,14 +106,16 @@ class BankLinear(nn.Module):
         mix = self._bank[0].mix
         if mix is None:
             return y
+        if isinstance(mix, TokenMix):
+            return y + self._dense(x, mix).to(y.dtype)
         if mix.idx.shape[0] != x.shape[0]:
             raise RuntimeError(f"the bank's row mix has {mix.idx.shape[0]} rows but the batch has {x.shape[0]}")
         scale = self._bank[0].scale
-        xa = x.to(self.lora_A.dtype)
+        xa = x
         delta = None
         for k in range(mix.idx.shape[1]):
-            A = self.lora_A[mix.idx[:, k]]  # batch x r x d_in
-            B = self.lora_B[mix.idx[:, k]]  # batch x d_out x r
+            A = self.lora_A[mix.idx[:, k]].to(x.dtype)  # batch x r x d_in (cast from the float32 masters)
+            B = self.lora_B[mix.idx[:, k]].to(x.dtype)  # batch x d_out x r
             if self._bank[0].detached_terms[k]:  # flags read on the host once per mix: no device sync here
                 keep = mix.detached[:, k].view(-1, 1, 1)
                 A = torch.where(keep, A.detach(), A)
@@ -89,16 +125,30 @@ class BankLinear(nn.Module):
             delta = term if delta is None else delta + term
         return y + delta.to(y.dtype)
 
+    def _dense(self, x: torch.Tensor, mix: TokenMix) -> torch.Tensor:
+        """sum_s w[token, s] * B_s A_s x for the first n slots, as one rank n*r product."""
+        n = mix.w.shape[-1]
+        r = self.lora_A.shape[1]
+        A, B = self.lora_A[:n], self.lora_B[:n]
+        if mix.any_frozen:
+            keep = mix.frozen.view(-1, 1, 1)
+            A = torch.where(keep, A.detach(), A)
+            B = torch.where(keep, B.detach(), B)
+        a_cat = A.to(x.dtype).reshape(n * r, -1)  # (n r) x d_in
+        b_cat = B.to(x.dtype).permute(1, 0, 2).reshape(-1, n * r)  # d_out x (n r)
+        xa = torch.nn.functional.linear(x, a_cat)  # ... x (n r)
+        xa = (xa.unflatten(-1, (n, r)) * mix.w.to(x.dtype).unsqueeze(-1)).flatten(-2)
+        return torch.nn.functional.linear(xa, b_cat)
+
 
 class AdapterBank:
     """Owns the BankLinear layers injected into one base model; loads, reads and mixes adapters by slot."""
 
-    def __init__(self, model: nn.Module, n_slots: int, r: int, alpha: float, target_modules: list[str],
-                 dtype: torch.dtype = torch.float32):
+    def __init__(self, model: nn.Module, n_slots: int, r: int, alpha: float, target_modules: list[str]):
         self.model = model
         self.n_slots, self.r, self.alpha = n_slots, r, alpha
         self.scale = alpha / r
-        self.dtype = dtype
+        self.dtype = torch.float32  # master weights (module docstring), whatever the model's dtype
         self.target_modules = list(target_modules)
         self.mix: RowMix | None = None
         self.detached_terms: tuple[bool, ...] = ()  # per term k of the mix: does any row detach it
@@ -143,11 +193,39 @@ class AdapterBank:
 
     @torch.no_grad()
     def read(self, slot: int) -> AdapterWeights:
-        out: AdapterWeights = {}
-        for name, layer in self.layers.items():
-            out[f"{name}.lora_A"] = layer.lora_A[slot].detach().to("cpu", torch.float32).clone()
-            out[f"{name}.lora_B"] = layer.lora_B[slot].detach().to("cpu", torch.float32).clone()
+        return self.read_many(1, first=slot)[0]
+
+    @torch.no_grad()
+    def load_many(self, adapters: list[AdapterWeights]) -> None:
+        """Slots 0..len-1 from `adapters` in ONE host-to-device copy (a pinned buffer on CUDA, not waited
+        for) and one multi-tensor copy into the stacked tensors, instead of a blocking copy per layer."""
+        if not adapters:
+            return
+        n, params = len(adapters), self._stacked()
+        flat = torch.cat([torch.stack([a[key] for a in adapters]).to(torch.float32).reshape(-1) for key, _ in params])
+        device = params[0][1].device
+        if device.type == "cuda":
+            flat = flat.pin_memory().to(device, non_blocking=True)
+        else:
+            flat = flat.to(device)
+        parts = flat.split([n * p[0].numel() for _, p in params])
+        torch._foreach_copy_([p[:n] for _, p in params], [v.view(n, *p.shape[1:]) for v, (_, p) in zip(parts, params)])
+
+    @torch.no_grad()
+    def read_many(self, n: int, first: int = 0) -> list[AdapterWeights]:
+        """Slots first..first+n-1 as float32 CPU dicts, in ONE device-to-host copy."""
+        params = self._stacked()
+        flat = torch.cat([p[first:first + n].reshape(-1) for _, p in params]).to("cpu", torch.float32)
+        parts = flat.split([n * p[0].numel() for _, p in params])
+        out: list[AdapterWeights] = [{} for _ in range(n)]
+        for v, (key, p) in zip(parts, params):
+            for j, t in enumerate(v.view(n, *p.shape[1:]).unbind(0)):
+                out[j][key] = t.clone()  # its own storage: a caller keeping one slot keeps no other
         return out
+
+    def _stacked(self) -> list[tuple[str, nn.Parameter]]:
+        return [(f"{name}.{part}", getattr(layer, part)) for name, layer in self.layers.items()
+                for part in ("lora_A", "lora_B")]
 
     def init_adapter(self, seed: int) -> AdapterWeights:
         """A fresh LoRA adapter as PEFT initialises it: A kaiming-uniform(a=sqrt(5)), B zero. Seeded."""
@@ -162,15 +240,16 @@ class AdapterBank:
 
     # ----------------------------------------------------------------- mixing
     @contextmanager
-    def mixing(self, mix: RowMix | None) -> Iterator[None]:
-        """Within the block every forward pass uses `mix` (None: the bare base model)."""
+    def mixing(self, mix: RowMix | TokenMix | None) -> Iterator[None]:
+        """Within the block every forward pass uses `mix` (None: the bare base model). A RowMix is moved to
+        the bank's device (already there with its flags read: nothing is copied or read back); a TokenMix is
+        used as it is."""
         device = next(iter(self.layers.values())).lora_A.device
         detached: tuple[bool, ...] = ()
-        if mix is not None:
-            k = mix.idx.shape[1]
-            detached = (False,) * k if mix.detached is None else tuple(bool(c) for c in mix.detached.any(0).tolist())
-            mix = RowMix(mix.idx.to(device), mix.w.to(device),
-                         None if mix.detached is None else mix.detached.to(device))
+        if isinstance(mix, RowMix):
+            if mix.terms_detached is None or mix.idx.device != device:
+                mix = mix.on(device)
+            detached = mix.terms_detached
         previous = self.mix, self.detached_terms
         self.mix, self.detached_terms = mix, detached
         try:

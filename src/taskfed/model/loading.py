@@ -142,8 +142,8 @@ def adapter_bytes(model, cfg) -> tuple[int, int]:
     """(parameters of one adapter, bytes the bank and the clients' copies need), from the model's layers."""
     per_adapter = sum(cfg.lora.r * (mod.in_features + mod.out_features) for name, mod in model.named_modules()
                       if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in cfg.lora.target_modules)
-    elem = 2 if cfg.model.dtype == "bfloat16" else 4
-    need = per_adapter * (BANK_SLOTS * COPIES_PER_SLOT * elem + 4 * (cfg.scenario.n_clients + 1))
+    # The bank keeps float32 masters whatever the model's dtype (model/bank.py).
+    need = per_adapter * (BANK_SLOTS * COPIES_PER_SLOT * 4 + 4 * (cfg.scenario.n_clients + 1))
     return per_adapter, need
 
 
