@@ -169,7 +169,7 @@ def train_peft(args, work, one_batch: bool = False) -> dict:
 
 def train_taskfed(args, work, one_batch: bool = False) -> dict:
     from taskfed.runtime import Encoded, Runtime
-    from taskfed.training import PackTimes, TrainSpec, train_pack
+    from taskfed.training import PackStats, TrainSpec, train_pack
 
     rt = Runtime(_config(args))
     init = rt.init_adapter()
@@ -180,7 +180,7 @@ def train_taskfed(args, work, one_batch: bool = False) -> dict:
 
     train_pack(rt, [spec(work["clients"][0], 1, 0)])  # warm-up
     meter = Meter(args.device)
-    times = PackTimes()
+    times = PackStats()
     meter.start()
     if one_batch:  # memory at the packed batch size, one job holding every client's rows
         one = spec(sum(work["clients"], []), 1, 0)

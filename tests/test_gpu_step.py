@@ -232,3 +232,36 @@ def test_a_bfloat16_run_moves_a_as_the_float32_reference_update_does(base, monke
             assert (got - want).norm() <= 1e-3 * want.norm()
             # ... by far less than bf16 can hold at A's magnitude: a bf16 bank would not have moved
             assert (spec.init[name].to(torch.bfloat16) + want.to(torch.bfloat16) == spec.init[name].to(torch.bfloat16)).float().mean() > 0.5
+
+
+# ----------------------------------------------------------------- bench --estimate
+def test_the_estimate_scales_steps_rounds_and_evaluation_rows_from_the_probe():
+    from taskfed.bench.estimate import extrapolate, probe_config
+
+    cfg = load_config(ROOT / "configs" / "fedrouter-dual.toml")  # 10 rounds x 10 steps
+    probe = probe_config(cfg)
+    assert (probe.train.rounds, probe.train.steps, probe.eval.max_rows_per_task) == (2, 3, 4)
+    metrics = {"setup_seconds": 7.0,
+               "rounds": [{"seconds": 4.0, "compute_seconds": 3.0}, {"seconds": 2.0, "compute_seconds": 1.5}],
+               "eval": {"local": {"seconds": 8.0, "per_client": {
+                   "0": {"per_task": {"a": {"n": 4}, "b": {"n": 4}}}, "1": {"per_task": {"b": {"n": 4}}}}}}}
+    setup, train, evaluation = extrapolate(cfg, metrics, {"a": [0] * 50, "b": [0] * 20})
+    assert setup == 7.0
+    # per round: overhead (1.0, 0.5) + compute per step (1.0, 0.5) x 10 steps; mean 8.25, x 10 rounds
+    assert train == pytest.approx(82.5)
+    assert evaluation == pytest.approx(8.0 * (50 + 20 + 20) / 12)
+
+
+def test_bench_estimate_prints_a_line_per_cell(tmp_path):
+    from typer.testing import CliRunner
+
+    from taskfed.cli import app
+
+    suite = tmp_path / "s.toml"
+    suite.write_text(f'version = 1\nname = "s"\nbaselines = []\n[base.data]\npath = "{ROOT.parent / "shared" / "data" / "flan-feddpa" / "dataset1"}"\n'
+                     '[[scenario]]\nlabel = "iid"\nconfig = {scenario = {name = "iid", n_clients = 2}}\nmethods = [{name = "fedavg"}]\n')
+    result = CliRunner().invoke(app, ["bench", str(suite), "--estimate", "--smoke"])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("| iid |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["fedavg", "base"]
+    assert "total:" in result.output

@@ -15,6 +15,7 @@ import typer
 
 from taskfed import __version__
 from taskfed.guard import guarded, say
+from taskfed.errors import TaskfedError
 
 # Only typer, rich and pydantic are imported before a command runs: a config is validated before torch,
 # transformers or a method file is imported (benchmarks/startup.py). No pretty exceptions: they print
@@ -82,13 +83,26 @@ def demo(
 @app.command()
 def bench(
     suite: Path = typer.Argument(..., help="Suite file (TOML): methods x scenarios x seeds."),
-    out: Path = typer.Option(..., "--out", help="Bench folder: one run folder per cell, report.md."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Bench folder: one run folder per cell, report.md."),
     smoke: bool = typer.Option(False, "--smoke", help="Every cell on the tiny model with the minimal budget."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda[:n] (bf16 on cuda); default: the suite's."),
+    estimate: bool = typer.Option(False, "--estimate", help="Print each cell's expected time on the device from a "
+                                  "short measured run (no --out; nothing is kept)."),
 ) -> None:
     """Run every unfinished cell of a suite (an interrupted bench resumes), then write DIR/report.md."""
     from taskfed.bench.suite import run_bench
 
+    if estimate:
+        with guarded():
+            from taskfed.bench.estimate import estimate as probe, table
+            from taskfed.bench.suite import cells, load_suite
+
+            grid = cells(load_suite(suite), str(suite), smoke, device)
+            print(table(probe(grid, log=_log), device or grid[0].cfg.model.device))
+        return
+    if out is None:
+        with guarded():
+            raise TaskfedError("taskfed bench: give --out DIR (where the cells' run folders go), or --estimate.")
     with guarded(sigterm=True):
         grid = run_bench(suite, out, smoke=smoke, device=device, log=_log, command=" ".join(["taskfed"] + sys.argv[1:]))
     say("done", "green", f"{len(grid)} cells; report {out / 'report.md'}")

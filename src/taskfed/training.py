@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from taskfed import packing, progress
-from taskfed.model.bank import AdapterWeights, RowMix, TokenMix
+from taskfed.model.bank import AdapterWeights, RowMix, TokenMix, host_to_device
 from taskfed.runtime import Encoded, Runtime
 
 IGNORE = -100
@@ -210,7 +210,7 @@ class _PackPlan:
             self.computed += plan.computed_tokens()
             self.tokens += sum(len(r.ids) for _, r in items)
             for j, row in items:
-                counts[step, j] += len(row.ids) - row.n_prompt
+                counts[step, j] += len(row.ids) - max(row.n_prompt, 1)
             step_passes = []
             for seqs, width in zip(plan.passes, plan.widths):
                 ids = torch.full((len(seqs), width), rt.tokenizer.pad_token_id, dtype=torch.long)
@@ -227,11 +227,13 @@ class _PackPlan:
                         pos[p, offset:offset + n] = torch.arange(n)
                         seg[p, offset:offset + n] = k
                         tok_job[p, offset:offset + n] = j
-                        # hidden[t] predicts ids[t + 1]: the loss positions are the response's, shifted by one
-                        first = p * width + offset + row.n_prompt - 1
-                        sel.append(torch.arange(first, first + n - row.n_prompt))
-                        target.append(torch.tensor(row.ids[row.n_prompt:]))
-                        owner.append(torch.full((n - row.n_prompt,), j))
+                        # hidden[t] predicts ids[t + 1]: the loss positions are the response's, shifted by
+                        # one (a row's first token has no position before it, as in a plain shifted loss)
+                        start = max(row.n_prompt, 1)
+                        first = p * width + offset + start - 1
+                        sel.append(torch.arange(first, first + n - start))
+                        target.append(torch.tensor(row.ids[start:]))
+                        owner.append(torch.full((n - start,), j))
                         offset += n
                 tensors = [ids, pos, seg, torch.cat(sel), torch.cat(target), torch.cat(owner)]
                 if layout.tokens:
@@ -251,7 +253,7 @@ class _PackPlan:
         if layout.tokens:
             floats.append(table)
             bools.append(torch.arange(n_slots) >= n_jobs)  # frozen slots: no token trains them
-        longs, floats, bools = (_to_device(ts, device) for ts in (longs, floats, bools))
+        longs, floats, bools = (host_to_device(ts, device) for ts in (longs, floats, bools))
         self.counts = floats[-2] if layout.tokens else floats[-1]
         eager = rt.model.config._attn_implementation == "eager"
         dtype = next(rt.model.parameters()).dtype
@@ -274,18 +276,6 @@ class _PackPlan:
                 passes.append(_Pass(ids, pos, seg, sel, target, owner, mix))
             self.steps.append(passes)
         self.eager, self.dtype = eager, dtype
-
-
-def _to_device(tensors: list[torch.Tensor], device) -> list[torch.Tensor]:
-    """One host-to-device copy for many small tensors of one dtype: concatenated, pinned on CUDA, split back."""
-    if not tensors:
-        return []
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    if torch.device(device).type == "cuda":
-        flat = flat.pin_memory().to(device, non_blocking=True)
-    else:
-        flat = flat.to(device)
-    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 def _job_sums(rt: Runtime, p: _Pass, n_jobs: int, eager: bool, dtype: torch.dtype) -> torch.Tensor:

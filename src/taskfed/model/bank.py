@@ -89,6 +89,19 @@ class TokenMix:
     any_frozen: bool = False
 
 
+def host_to_device(tensors: list[torch.Tensor], device) -> list[torch.Tensor]:
+    """Many host tensors of one dtype on `device` in ONE copy: concatenated, pinned and not waited for on
+    CUDA (a pageable copy blocks the host until the device has it), split back into views."""
+    if not tensors:
+        return []
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    if torch.device(device).type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = flat.to(device)
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
 class BankLinear(nn.Module):
     """A frozen nn.Linear plus N LoRA adapters, mixed per row by the bank's current RowMix."""
 
@@ -202,14 +215,8 @@ class AdapterBank:
         if not adapters:
             return
         n, params = len(adapters), self._stacked()
-        flat = torch.cat([torch.stack([a[key] for a in adapters]).to(torch.float32).reshape(-1) for key, _ in params])
-        device = params[0][1].device
-        if device.type == "cuda":
-            flat = flat.pin_memory().to(device, non_blocking=True)
-        else:
-            flat = flat.to(device)
-        parts = flat.split([n * p[0].numel() for _, p in params])
-        torch._foreach_copy_([p[:n] for _, p in params], [v.view(n, *p.shape[1:]) for v, (_, p) in zip(parts, params)])
+        stacked = [torch.stack([a[key] for a in adapters]).to(torch.float32) for key, _ in params]
+        torch._foreach_copy_([p[:n] for _, p in params], host_to_device(stacked, params[0][1].device))
 
     @torch.no_grad()
     def read_many(self, n: int, first: int = 0) -> list[AdapterWeights]:
