@@ -1,4 +1,4 @@
-"""One GPU lease's worth of figures (issue 7): plain transformers + peft against taskfed, in ONE process.
+"""One GPU lease's worth of figures (issue 27): plain transformers + peft against taskfed, in ONE process.
 
     python benchmarks/gpu.py --device cpu --small            # the CPU check (tiny model, < 1 min, tests run it)
     python benchmarks/gpu.py --device cuda                   # SmolLM2, bf16, configs/fedrouter-dual.toml

@@ -103,7 +103,7 @@ def host_to_device(tensors: list[torch.Tensor], device) -> list[torch.Tensor]:
 
 
 class BankLinear(nn.Module):
-    """A frozen nn.Linear plus N LoRA adapters, mixed per row by the bank's current RowMix."""
+    """A frozen nn.Linear plus N LoRA adapters, mixed per row (RowMix) or per token (TokenMix) by the bank."""
 
     def __init__(self, base: nn.Linear, bank: "AdapterBank"):
         super().__init__()
