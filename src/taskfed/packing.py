@@ -7,9 +7,9 @@ Two layouts, one per device kind by default (`train.packing = "auto"`):
   Flower node, which trains one client, gives bit for bit what the in-process engine gives).
 - **tokens** (CUDA): rows of every job of the round packed first-fit-decreasing into sequences a few
   mean rows long (`sequence_length`), positions restarting at each row and attention kept inside it (a
-  block-diagonal causal mask), and as many sequences per pass as the device's free memory allows (`tokens_per_pass`). A GPU
-  step is bound by the host's dispatching, not by arithmetic: fewer, fuller passes are what make it fast.
-  Padding is only what is left at a sequence's end.
+  block-diagonal causal mask), and as many sequences per pass as the device's free memory allows
+  (`tokens_per_pass`). A GPU step is bound by the host's dispatching, not by arithmetic: fewer, fuller
+  passes are what make it fast. Padding is only what is left at a sequence's end.
 
 Everything here is host arithmetic on row lengths: nothing touches a device.
 """
@@ -38,10 +38,6 @@ class Layout:
     max_tokens: int | None  # computed tokens (real + padding) per pass (None: no limit but the rows)
     seq_len: int | None = None  # tokens layout: sequence length (None: from the rows, `sequence_length`)
     max_jobs: int = MAX_JOBS_PER_PACK
-
-    @property
-    def name(self) -> str:
-        return "tokens" if self.tokens else "rows"
 
 
 def sequence_length(lengths: list[int]) -> int:

@@ -9,6 +9,7 @@ and untouched slots get zero gradient and zero state, so packing equals running 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -182,26 +183,65 @@ def _block_mask(seg: torch.Tensor, eager: bool, dtype: torch.dtype) -> torch.Ten
     return mask
 
 
+def _host_pass(items: list, seqs: list[list[int]], width: int, pad_id: int, n_jobs: int) -> dict[str, torch.Tensor]:
+    """One pass's tensors on the host: ids, positions (restarting per row) and segment ids (sequences x
+    width), each token's job (`n_jobs` on padding), and the loss positions as flat indices into sequences
+    x width, with their targets and jobs. `items` are (job, Encoded) rows; `seqs` their layout."""
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(seqs), width), dtype=torch.long)
+    seg = torch.full((len(seqs), width), -1, dtype=torch.long)
+    job = torch.full((len(seqs), width), n_jobs, dtype=torch.long)
+    sel, target, owner = [], [], []
+    for p, seq in enumerate(seqs):
+        offset = 0
+        for k, item in enumerate(seq):
+            j, row = items[item]
+            n = len(row.ids)
+            ids[p, offset:offset + n] = torch.tensor(row.ids)
+            pos[p, offset:offset + n] = torch.arange(n)
+            seg[p, offset:offset + n] = k
+            job[p, offset:offset + n] = j
+            # hidden[t] predicts ids[t + 1]: the loss positions are the response's, shifted by one (a row's
+            # first token has no position before it, as in a plain shifted loss)
+            start = max(row.n_prompt, 1)
+            first = p * width + offset + start - 1
+            sel.append(torch.arange(first, first + n - start))
+            target.append(torch.tensor(row.ids[start:]))
+            owner.append(torch.full((n - start,), j))
+            offset += n
+    return {"ids": ids, "pos": pos, "seg": seg, "job": job, "sel": torch.cat(sel), "target": torch.cat(target),
+            "owner": torch.cat(owner)}
+
+
+def _all_to_device(records: list[dict[str, torch.Tensor]], device) -> list[dict[str, torch.Tensor]]:
+    """The same records with every tensor on `device`, in one copy per dtype (`host_to_device`)."""
+    slots = [(i, key) for i, rec in enumerate(records) for key in rec]
+    moved = [dict(rec) for rec in records]
+    for dtype in {rec[key].dtype for rec in records for key in rec}:
+        mine = [(i, key) for i, key in slots if records[i][key].dtype == dtype]
+        for (i, key), t in zip(mine, host_to_device([records[i][key] for i, key in mine], device)):
+            moved[i][key] = t
+    return moved
+
+
 class _PackPlan:
     """Every step's passes of a pack, built on the host once and moved to the device in one copy per dtype
     (pinned, not waited for), so that a step reads nothing back and copies nothing from the host."""
 
     def __init__(self, rt: Runtime, specs: list["TrainSpec"], frozen_slots: dict[int, int], layout: packing.Layout):
-        device = rt.device
         n_jobs = len(specs)
-        orders = [sample_order(len(s.rows), s.steps * s.batch, s.seed) for s in specs]
         n_slots = n_jobs + len(frozen_slots)
+        orders = [sample_order(len(s.rows), s.steps * s.batch, s.seed) for s in specs]
+        # Each job's mix terms: its own slot (trained), then its frozen adapters' slots (detached).
+        terms = [[(j, s.scale, False)] + [(frozen_slots[id(fw)], coef, True) for fw, coef in s.frozen]
+                 for j, s in enumerate(specs)]
         # Token mix (tokens layout): a job's row of weights over the pack's slots; row n_jobs, padding, is zero.
         table = torch.zeros(n_jobs + 1, n_slots)
-        terms = []
-        for j, s in enumerate(specs):
-            table[j, j] = s.scale * rt.bank.scale
-            extra = [(frozen_slots[id(fw)], coef) for fw, coef in s.frozen]
-            for slot, coef in extra:
+        for j, job_terms in enumerate(terms):
+            for slot, coef, _ in job_terms:
                 table[j, slot] += coef * rt.bank.scale
-            terms.append([(j, s.scale, False)] + [(slot, coef, True) for slot, coef in extra])
-        longs, floats, bools, layouts = [], [], [], []
         counts = torch.zeros(specs[0].steps, n_jobs)
+        records, shape = [], []  # every pass's host tensors; passes per step
         self.tokens, self.computed, self.n_passes = 0, 0, 0
         for step in range(specs[0].steps):
             items = [(j, s.rows[i]) for j, s in enumerate(specs)
@@ -211,71 +251,36 @@ class _PackPlan:
             self.tokens += sum(len(r.ids) for _, r in items)
             for j, row in items:
                 counts[step, j] += len(row.ids) - max(row.n_prompt, 1)
-            step_passes = []
             for seqs, width in zip(plan.passes, plan.widths):
-                ids = torch.full((len(seqs), width), rt.tokenizer.pad_token_id, dtype=torch.long)
-                pos = torch.zeros((len(seqs), width), dtype=torch.long)
-                seg = torch.full((len(seqs), width), -1, dtype=torch.long)
-                tok_job = torch.full((len(seqs), width), n_jobs, dtype=torch.long)
-                sel, target, owner = [], [], []
-                for p, seq in enumerate(seqs):
-                    offset = 0
-                    for k, item in enumerate(seq):
-                        j, row = items[item]
-                        n = len(row.ids)
-                        ids[p, offset:offset + n] = torch.tensor(row.ids)
-                        pos[p, offset:offset + n] = torch.arange(n)
-                        seg[p, offset:offset + n] = k
-                        tok_job[p, offset:offset + n] = j
-                        # hidden[t] predicts ids[t + 1]: the loss positions are the response's, shifted by
-                        # one (a row's first token has no position before it, as in a plain shifted loss)
-                        start = max(row.n_prompt, 1)
-                        first = p * width + offset + start - 1
-                        sel.append(torch.arange(first, first + n - start))
-                        target.append(torch.tensor(row.ids[start:]))
-                        owner.append(torch.full((n - start,), j))
-                        offset += n
-                tensors = [ids, pos, seg, torch.cat(sel), torch.cat(target), torch.cat(owner)]
-                if layout.tokens:
-                    tensors.append(tok_job)
-                else:  # one row per sequence: the row's own terms, padded to K with zero weight on its own slot
+                rec = _host_pass(items, seqs, width, rt.tokenizer.pad_token_id, n_jobs)
+                if not layout.tokens:  # one row per sequence: the row's terms, padded to K with zero weight on its own slot
                     rows_terms = [terms[items[seq[0]][0]] for seq in seqs]
                     k = max(map(len, rows_terms))
                     rows_terms = [t + [(t[0][0], 0.0, True)] * (k - len(t)) for t in rows_terms]
-                    tensors.append(torch.tensor([[t[0] for t in r] for r in rows_terms]))
-                    floats.append(torch.tensor([[t[1] for t in r] for r in rows_terms], dtype=torch.float32))
-                    bools.append(torch.tensor([[t[2] for t in r] for r in rows_terms]))
-                longs.extend(tensors)
-                step_passes.append(len(tensors))
-            layouts.append(step_passes)
+                    rec["idx"] = torch.tensor([[t[0] for t in r] for r in rows_terms])
+                    rec["w"] = torch.tensor([[t[1] for t in r] for r in rows_terms], dtype=torch.float32)
+                    rec["detached"] = torch.tensor([[t[2] for t in r] for r in rows_terms])
+                records.append(rec)
+            shape.append(len(plan.passes))
             self.n_passes += len(plan.passes)
-        floats.append(counts.clamp(min=1))
-        if layout.tokens:
-            floats.append(table)
-            bools.append(torch.arange(n_slots) >= n_jobs)  # frozen slots: no token trains them
-        longs, floats, bools = (host_to_device(ts, device) for ts in (longs, floats, bools))
-        self.counts = floats[-2] if layout.tokens else floats[-1]
-        eager = rt.model.config._attn_implementation == "eager"
-        dtype = next(rt.model.parameters()).dtype
-        self.steps: list[list[_Pass]] = []
-        li = fi = bi = 0
-        for step_passes in layouts:
-            passes = []
-            for n_tensors in step_passes:
-                ids, pos, seg, sel, target, owner, last = longs[li:li + n_tensors]
-                li += n_tensors
-                if layout.tokens:
-                    frozen = bools[-1]
-                    w = floats[-1].index_select(0, last.reshape(-1)).view(*last.shape, n_slots)
-                    mix = TokenMix(w, frozen, any_frozen=bool(frozen_slots))
-                else:
-                    w, det = floats[fi], bools[bi]
-                    fi, bi = fi + 1, bi + 1
-                    # Term 0 is each row's own slot (trained); every later term is frozen or zero padding.
-                    mix = RowMix(last, w, det, terms_detached=(False,) + (True,) * (last.shape[1] - 1))
-                passes.append(_Pass(ids, pos, seg, sel, target, owner, mix))
-            self.steps.append(passes)
-        self.eager, self.dtype = eager, dtype
+        shared = {"counts": counts.clamp(min=1), "table": table, "frozen": torch.arange(n_slots) >= n_jobs}
+        *records, shared = _all_to_device(records + [shared], rt.device)
+        self.counts = shared["counts"]
+        self.eager = rt.model.config._attn_implementation == "eager"
+        self.dtype = next(rt.model.parameters()).dtype
+        passes = iter(records)
+        self.steps: list[list[_Pass]] = [[self._pass(next(passes), shared, layout.tokens, bool(frozen_slots))
+                                          for _ in range(n)] for n in shape]
+
+    @staticmethod
+    def _pass(rec: dict, shared: dict, tokens: bool, any_frozen: bool) -> _Pass:
+        if tokens:
+            w = shared["table"].index_select(0, rec["job"].reshape(-1)).view(*rec["job"].shape, -1)
+            mix = TokenMix(w, shared["frozen"], any_frozen=any_frozen)
+        else:  # term 0 is each row's own slot (trained); every later term is frozen or zero padding
+            k = rec["idx"].shape[1]
+            mix = RowMix(rec["idx"], rec["w"], rec["detached"], terms_detached=(False,) + (True,) * (k - 1))
+        return _Pass(rec["ids"], rec["pos"], rec["seg"], rec["sel"], rec["target"], rec["owner"], mix)
 
 
 def _job_sums(rt: Runtime, p: _Pass, n_jobs: int, eager: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -320,34 +325,28 @@ def train_pack(rt: Runtime, specs: list[TrainSpec], stats: PackStats | None = No
                  for j, s in enumerate(specs) if s.prox_mu > 0 and s.prox_ref is not None}
     stats = stats if stats is not None else PackStats()
     step_losses = []
-    counting = False
     try:
         rt.model.train()
-        for step, passes in enumerate(plan.steps):
-            if step == 1 and stats.counter is not None:
-                stats.counter.__enter__()
-                counting = True
-            tic = time.perf_counter()
-            optimizer.zero_grad(set_to_none=False)
-            sums = None
-            for i, p in enumerate(passes):
-                job_sums = _job_sums(rt, p, len(specs), plan.eager, plan.dtype)
-                total = (job_sums / plan.counts[step]).sum()
-                if i == len(passes) - 1:
-                    for j, ref in prox_refs.items():
-                        total = total + 0.5 * specs[j].prox_mu * _prox(rt, j, ref)
-                total.backward()
-                sums = job_sums.detach() if sums is None else sums + job_sums.detach()
-            optimizer.step()
-            step_losses.append(sums / plan.counts[step])
-            stats.compute += time.perf_counter() - tic
-            progress.advance()  # one step of the pack (the round's progress counts steps)
-        if counting:
-            stats.counter.__exit__(None, None, None)
-            counting = False
+        with contextlib.ExitStack() as counting:
+            for step, passes in enumerate(plan.steps):
+                if step == 1 and stats.counter is not None:
+                    counting.enter_context(stats.counter)  # from the second step to the last
+                tic = time.perf_counter()
+                optimizer.zero_grad(set_to_none=False)
+                sums = None
+                for i, p in enumerate(passes):
+                    job_sums = _job_sums(rt, p, len(specs), plan.eager, plan.dtype)
+                    total = (job_sums / plan.counts[step]).sum()
+                    if i == len(passes) - 1:
+                        for j, ref in prox_refs.items():
+                            total = total + 0.5 * specs[j].prox_mu * _prox(rt, j, ref)
+                    total.backward()
+                    sums = job_sums.detach() if sums is None else sums + job_sums.detach()
+                optimizer.step()
+                step_losses.append(sums / plan.counts[step])
+                stats.compute += time.perf_counter() - tic
+                progress.advance()  # one step of the pack (the round's progress counts steps)
     finally:
-        if counting:
-            stats.counter.__exit__(None, None, None)
         rt.model.eval()
         bank.set_trainable(False)
     stats.tokens += plan.tokens
