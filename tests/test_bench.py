@@ -245,6 +245,27 @@ def test_shipped_suites_validate_and_cover_the_three_papers():
         assert len(c.cfg.data.unseen_tasks) == 4 and not set(c.cfg.data.unseen_tasks) & set(c.cfg.data.tasks)
 
 
+def test_baselines_suite_runs_every_baseline_beside_the_seeds_methods_and_ranks_over_all(tmp_path: Path):
+    """benchmarks/suites/baselines.toml: every baseline (BASELINES, old and new), FedRouter, FedDPA-F, FL-TAC and
+    the base model in `single` and `dual`; its smoke run's "best baseline" is one of all of them, the new
+    baselines included (the report names the best by mean)."""
+    from taskfed.bench.suite import BASELINES
+
+    suite = Path(__file__).resolve().parents[1] / "benchmarks" / "suites" / "baselines.toml"
+    grid = cells(load_suite(suite), "baselines")
+    want = set(BASELINES) | {"fedrouter", "feddpa-f", "fltac", "base"}
+    assert {"fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fedsa-lora", "ffa-lora"} <= set(BASELINES)
+    for scenario in ("single", "dual"):
+        assert {c.method for c in grid if c.scenario == scenario} == want
+    out = tmp_path / "bl"
+    result = CliRunner().invoke(app, ["bench", str(suite), "--out", str(out), "--smoke"])
+    assert result.exit_code == 0, result.output
+    report = (out / "report.md").read_text()
+    assert "Baselines: " + ", ".join(BASELINES) + "." in report
+    best = {line.split("(vs ")[1].split(")")[0] for line in report.splitlines() if "(vs " in line}
+    assert best and best <= set(BASELINES)
+
+
 def test_bench_cli_smoke_and_device_flag(suite_file: Path, tmp_path: Path):
     grid = cells(load_suite(suite_file), "s", smoke=True, device="cuda:0")
     assert {(c.cfg.model.name, c.cfg.model.device, c.cfg.model.dtype) for c in grid} == {("tiny", "cuda:0", "bfloat16")}

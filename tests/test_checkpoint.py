@@ -80,7 +80,10 @@ def killed_at(method: str, out: Path, point: str, *extra: str) -> subprocess.Com
 
 
 # ----------------------------------------------------------------------------- kill -9 and resume
-@pytest.mark.parametrize("method", ["fedavg", "fedrouter-dual", "feddpa-t", "fltac"])
+# The new baselines' own state: server moments (fedavgm, fedadam, fedyogi, fedadagrad), control variates on both
+# sides (scaffold), a client-owned B (fedsa-lora), A0 on the clients (ffa-lora).
+@pytest.mark.parametrize("method", ["fedavg", "fedrouter-dual", "feddpa-t", "fltac", "fedavgm", "fedadam", "fedyogi",
+                                    "fedadagrad", "scaffold", "fedsa-lora", "ffa-lora"])
 def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path, reference, method):
     want = reference(method)
     # Every kill point for the methods of the checkpoint's mechanics (fedavg, FedRouter's client state); the

@@ -138,7 +138,11 @@ def test_store_on_disk(tmp_path):
 
 
 # ----------------------------------------------------------------------------- Simulation Engine
-PARITY = ["fedavg", "fedrouter", "feddpa-f", "fltac"]
+# The new baselines each exercise one mechanism over the wire: a server step (fedadam, fedavgm), a second
+# payload each way (scaffold), a partial upload with a client-owned part (fedsa-lora), a frozen factor
+# (ffa-lora).
+PARITY = ["fedavg", "fedrouter", "feddpa-f", "fltac", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold",
+          "fedsa-lora", "ffa-lora"]
 
 
 def corrupting_client_app() -> ClientApp:
@@ -234,8 +238,10 @@ def test_simulation_equals_in_process(simulated, method, tmp_path):
     for name, weights in ex.method.server_adapters().items():
         got = saved(root / method, name)
         assert all(torch.equal(got[k], weights[k]) for k in weights), f"{method} {name} differs from in-process"
-    assert sorted(p.name for p in (root / method).iterdir()) == ["adapters", "config.toml", "metrics.json", "report.md",
-                                                               "router.json", "router.safetensors", "scores.csv"]
+    files = ["adapters", "config.toml", "metrics.json", "report.md", "router.json", "router.safetensors", "scores.csv"]
+    if not ex.method.server_adapters():  # FedSA-LoRA: every adapter is client-owned, and stays on its node
+        files.remove("adapters")
+    assert sorted(p.name for p in (root / method).iterdir()) == files
     # The router as served (routing.py) is the in-process run's: the same state, the same server adapters
     # (client-owned adapters stay on the nodes; the run id is random per run).
     doc_f, state_f = read_router(root / method)
@@ -252,10 +258,11 @@ def test_simulation_equals_in_process(simulated, method, tmp_path):
     if method == "fedrouter":  # FedRouter's client state stayed on the nodes' disks
         held = sorted(p.parent.parent.name for p in stores if "fedrouter_labels" in p.read_text())
         assert held == ["0", "1", "2"]
-    if method == "feddpa-f":  # the local adapters too: on the nodes, equal to the in-process clients'
-        for cid, client in ex.clients.items():
-            want_local = ex.engine.client_side.client_adapters(client)["local"]
-            found = list((root / "cache" / "flower" / "state").glob(f"run-*/adapters/clients/{cid}/local"))
+    if method in ("feddpa-f", "fedsa-lora"):  # the client-owned adapters too: on the nodes, the in-process clients'
+        name = {"feddpa-f": "local", "fedsa-lora": "personal"}[method]
+        for cid, client in ex.engine.clients.items():
+            want_local = load_adapter(tmp_path / "in-process" / "adapters" / "clients" / cid / name)
+            found = list((root / "cache" / "flower" / "state").glob(f"run-*/adapters/clients/{cid}/{name}"))
             got = [load_adapter(f) for f in found]
             assert any(all(torch.equal(g[k], want_local[k]) for k in want_local) for g in got), cid
 

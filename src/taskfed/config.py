@@ -169,6 +169,9 @@ class RunConfig(_Strict):
             if (p.epsilon is None) == (p.noise_multiplier is None):
                 raise ValueError(f"privacy.{key}: give exactly one of privacy.{key}.epsilon (taskfed finds the noise) "
                                  f"and privacy.{key}.noise_multiplier (taskfed reports the epsilon)")
+        if self.privacy.updates is not None and name == "scaffold":
+            raise ValueError("privacy.updates: method 'scaffold' also uploads its control-variate changes dc_i, "
+                             "which are neither clipped nor noised")
         if self.privacy.centroids is not None:
             if name not in CENTROID_METHODS:
                 raise ValueError(f"privacy.centroids: method '{name}' shares no centroids (only "

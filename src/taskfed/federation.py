@@ -310,7 +310,7 @@ class Driver:
         for name, weights in self.method.server_adapters().items():
             adapters[name] = f"adapters/server/{name.replace('/', '_')}"
             save_adapter(weights, folder / adapters[name], **lora)
-        files = self.engine.save_client_files(folder, lora)
+        files = self.engine.save_client_files(folder, lora, self.method.downlink)
         for (cid, name), rel in files.adapters.items():
             adapters[f"{name}@{cid}"] = rel
         arrays: dict[str, dict[str, str]] = {}  # array name -> client -> file (router.json)

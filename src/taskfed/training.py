@@ -52,6 +52,8 @@ class TrainSpec:
     prox_ref: AdapterWeights | None = None
     scale: float = 1.0  # weight of the trained adapter in the layer output
     frozen: list[tuple[AdapterWeights, float]] = field(default_factory=list)  # detached terms (weights, coef)
+    trains: tuple[str, ...] = ("A", "B")  # the factors the optimizer updates (FFA-LoRA: B only)
+    correction: object | None = None  # a methods.base.Correction applied at every step (SCAFFOLD)
 
 
 def collate(rows: list[Encoded], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -323,6 +325,8 @@ def train_pack(rt: Runtime, specs: list[TrainSpec], stats: PackStats | None = No
     like = bank.parameters()[0]  # proximal references moved to the device once, not at every step
     prox_refs = {j: {k: v.to(like.device, like.dtype) for k, v in s.prox_ref.items()}
                  for j, s in enumerate(specs) if s.prox_mu > 0 and s.prox_ref is not None}
+    masks = _part_masks(bank, specs)
+    shifts, shift_at = _corrections(bank, specs)
     stats = stats if stats is not None else PackStats()
     step_losses = []
     try:
@@ -342,7 +346,15 @@ def train_pack(rt: Runtime, specs: list[TrainSpec], stats: PackStats | None = No
                             total = total + 0.5 * specs[j].prox_mu * _prox(rt, j, ref)
                     total.backward()
                     sums = job_sums.detach() if sums is None else sums + job_sums.detach()
+                grads = [p.grad for p in bank.parameters()]
+                if masks is not None:  # a factor a job does not train gets no gradient, so AdamW leaves it
+                    torch._foreach_mul_(grads, masks)
+                if shifts is not None and shift_at == "grad":
+                    torch._foreach_add_(grads, shifts)
                 optimizer.step()
+                if shifts is not None and shift_at == "weights":
+                    with torch.no_grad():
+                        torch._foreach_add_(bank.parameters(), shifts, alpha=-lr)
                 step_losses.append(sums / plan.counts[step])
                 stats.compute += time.perf_counter() - tic
                 progress.advance()  # one step of the pack (the round's progress counts steps)
@@ -355,6 +367,41 @@ def train_pack(rt: Runtime, specs: list[TrainSpec], stats: PackStats | None = No
     stats.steps += steps
     per_step = torch.stack(step_losses).tolist()  # the pack's one read-back of losses
     return [(w, float(np.mean([row[j] for row in per_step]))) for j, w in enumerate(bank.read_many(len(specs)))]
+
+
+def _part_masks(bank, specs: list[TrainSpec]) -> list[torch.Tensor] | None:
+    """Per bank parameter, a 0/1 factor per slot (slot x 1 x 1, on the device): 0 where the slot's job does
+    not train that factor (a frozen A); None when every job trains everything (no op in the step)."""
+    if all(set(s.trains) >= {"A", "B"} for s in specs):
+        return None
+    params = bank.parameters()
+    out = []
+    for name, p in bank.stacked():
+        keep = torch.ones(p.shape[0], *([1] * (p.dim() - 1)))
+        for j, s in enumerate(specs):
+            if name.rsplit("_", 1)[-1] not in s.trains:
+                keep[j] = 0.0
+        out.append(keep)
+    return host_to_device(out, params[0].device)
+
+
+def _corrections(bank, specs: list[TrainSpec]) -> tuple[list[torch.Tensor] | None, str]:
+    """The specs' per-step corrections stacked per bank parameter (zero on slots without one), moved to
+    the device once per pack; and where they apply ("weights" or "grad", one per pack)."""
+    given = [s.correction for s in specs if s.correction is not None]
+    if not given:
+        return None, ""
+    at = {c.at for c in given}
+    if len(at) != 1:
+        raise ValueError("a pack's corrections must all apply at one place")
+    out = []
+    for name, p in bank.stacked():
+        stack = torch.zeros(p.shape, dtype=torch.float32)
+        for j, s in enumerate(specs):
+            if s.correction is not None:
+                stack[j] = s.correction.delta[name]
+        out.append(stack)
+    return host_to_device(out, bank.parameters()[0].device), at.pop()
 
 
 def layout_of(rt: Runtime) -> packing.Layout:

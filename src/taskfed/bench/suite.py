@@ -5,7 +5,7 @@ A suite file (TOML):
     version = 1
     name = "quick"
     seeds = [0, 1, 2]
-    baselines = ["local", "fedavg", "fedprox", "clustered", "ifca"]   # the default
+    baselines = ["local", "fedavg", "fedprox", ...]   # the default: BASELINES below
     reference = true        # the default: every scenario also runs method "base" (the untrained base model)
 
     [base]                  # a run config without [method]: what every cell shares
@@ -49,7 +49,10 @@ from taskfed.config import RunConfig, read_toml, smoke as smoke_config, validate
 from taskfed.errors import TaskfedError
 
 SUITE_VERSION = 1
-BASELINES = ["local", "fedavg", "fedprox", "clustered", "ifca"]
+# What the report's "best baseline" ranges over: the seeds' own baselines, then the ones peers ship
+# (methods.md, "More methods").
+BASELINES = ["local", "fedavg", "fedprox", "clustered", "ifca", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
+             "scaffold", "fedsa-lora", "ffa-lora"]
 REFERENCE = "base"  # the untrained base model's method name: the reference row of every scenario
 # A label is one folder name under --out: letters, digits, '_', '.', '-', not starting with '.' or '-'
 # (so never '', '.', '..', a hidden name or a path).

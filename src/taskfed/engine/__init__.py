@@ -12,7 +12,7 @@ server side what crosses the line, counted in bytes:
     stream(round, jobs)           -> the round's results in plan order, lazily, and the round's stats
     evaluate(mode, asks, downlink)-> per client a ClientEval (scores per task, the routing it used), and
                                      why each client that gave none usable is out
-    save_client_files(folder)     -> ClientFiles: the client-owned adapters and arrays, where the engine put
+    save_client_files(folder, lora, downlink) -> ClientFiles: the client-owned adapters and arrays, where the engine put
                                      them, relative to `folder` (none where the nodes keep them)
     client_state()                -> the clients' stores for the driver's checkpoint, or None where the
                                      clients keep their own (a Flower node commits its store per round)
@@ -83,7 +83,7 @@ class Engine(Protocol):
 
     def evaluate(self, mode: str, asks: dict[str, list[str]], downlink: Callable[[str], Downlink]) -> tuple[dict, dict[str, str]]: ...
 
-    def save_client_files(self, folder, lora: dict) -> "ClientFiles": ...
+    def save_client_files(self, folder, lora: dict, downlink: Callable[[str], Downlink] | None = None) -> "ClientFiles": ...
 
     def client_state(self) -> dict | None: ...
 

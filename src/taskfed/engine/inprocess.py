@@ -25,8 +25,8 @@ from taskfed.errors import TaskfedError
 from taskfed.evaluation.evaluate import ClientEval, evaluate_client
 from taskfed.memory import release_memory
 from taskfed.methods import build_method
-from taskfed.methods.base import Client, Downlink, Federation, Job, LocalRef, Method, Result
-from taskfed.model.peft_io import check_weights, n_bytes, save_adapter
+from taskfed.methods.base import Client, Downlink, Federation, Job, JobRun, LocalRef, Method, Result, merged, only
+from taskfed.model.peft_io import check_upload, check_weights, n_bytes, save_adapter
 from taskfed.population import Population
 from taskfed.privacy import clip_update, updates_on
 from taskfed.runtime import Runtime
@@ -45,7 +45,7 @@ def downlink_bytes(jobs: list[Job]) -> int:
     sent: set[tuple[str, int]] = set()
     total = 0
     for job in jobs:
-        for w in (job.candidates or [job.init]) + [fw for fw, _ in job.frozen]:
+        for w in (job.candidates or [job.init]) + [fw for fw, _ in job.frozen] + list(job.extra.values()):
             if not isinstance(w, LocalRef) and (job.client, id(w)) not in sent:
                 sent.add((job.client, id(w)))
                 total += n_bytes(w)
@@ -114,11 +114,17 @@ class InProcessEngine:
             init = job.candidates[chosen]
         else:
             init = client.resolve(job.init)
+        if job.fill is not None:  # a partial start: the keys the server did not send are the client's own
+            init = merged(client.resolve(job.fill), init)
+        check_weights(init, self.rt.bank.shapes(), f"the start of job {job.adapter} on client {job.client}")
+        for name, w in sorted(job.extra.items()):  # what the method's client hooks read, whole
+            check_weights(w, self.rt.bank.shapes(), f"'{name}' of job {job.adapter} on client {job.client}")
         spec = TrainSpec(
             init=init, rows=rows, steps=job.steps or tc.steps, batch=batch,
             lr=job.lr if job.lr is not None else cosine_lr(round_idx, tc.rounds, tc.lr_max, tc.lr_min), seed=seed, prox_mu=job.prox_mu,
             prox_ref=init if job.prox_mu > 0 else None, scale=job.scale,
-            frozen=[(client.resolve(w), coef) for w, coef in job.frozen])
+            frozen=[(client.resolve(w), coef) for w, coef in job.frozen], trains=tuple(job.trains),
+            correction=side.job_correction(client, job) if (side := self.client_side) else None)
         return spec, len(records), chosen
 
     # ----------------------------------------------------------------- a round
@@ -141,7 +147,7 @@ class InProcessEngine:
         specs = [s for s, _, _ in resolved]
         # What each job started from (a reference, no copy): under privacy.updates an upload's change from it
         # is clipped on the client.
-        meta = [(n_rows, chosen, s.init) for s, n_rows, chosen in resolved]
+        meta = [(n_rows, chosen, s.init, s.steps, s.lr) for s, n_rows, chosen in resolved]
         del resolved
         trained: dict[int, tuple] = {}
         times = PackStats()
@@ -167,27 +173,31 @@ class InProcessEngine:
         if losses:
             stats.loss = float(np.mean(losses))
 
-    def _result(self, job: Job, n_rows: int, chosen: int | None, init, weights, loss: float, shapes,
-                stats: RoundStats) -> Result | None:
-        """A trained job as the server sees it: kept on the client and/or uploaded, the upload checked. Under
-        privacy.updates the upload's change from the job's starting weights is clipped here, on the client
-        (a Flower node runs this same code), before anything leaves it; what the client keeps is unclipped."""
+    def _result(self, job: Job, n_rows: int, chosen: int | None, init, steps: int, lr: float, weights,
+                loss: float, shapes, stats: RoundStats) -> Result | None:
+        """A trained job as the server sees it: kept on the client and/or uploaded (the parts it sends, and
+        what the method's `job_done` adds), the upload checked. Under privacy.updates the upload's change
+        from the job's starting weights is clipped here, on the client (a Flower node runs this same code),
+        before anything leaves it; what the client keeps is unclipped."""
         client = self.clients[job.client]
+        # (an engine not attached to a method, e.g. a test running bare jobs, has no client hooks)
+        extra = self.client_side.job_done(client, job, JobRun(init, weights, steps, lr)) if self.client_side else {}
         if job.keep_as:
             client.store[job.keep_as] = weights
         if job.upload:
+            weights = only(weights, tuple(job.sends))
             if updates_on(self.cfg):
                 weights = clip_update(weights, init, self.cfg.privacy.updates.clip)
-            stats.bytes_up += n_bytes(weights)
+            stats.bytes_up += n_bytes(weights) + sum(n_bytes(x) for x in extra.values())
             # The server checks every upload (keys, shapes, finite values); a bad one is left out of
             # the round with its reason, and the round goes on with the others.
             try:
-                check_weights(weights, shapes, f"upload of client {job.client}")
+                check_upload(weights, extra, shapes, job, f"upload of client {job.client}")
             except TaskfedError as exc:
                 stats.dropped[f"{job.client}/{job.adapter}"] = str(exc)
                 return None
         return Result(job=job, weights=weights if job.upload else None, n_rows=n_rows,
-                      n_client=len(client.records), loss=loss, chosen=chosen)
+                      n_client=len(client.records), loss=loss, chosen=chosen, extra=extra if job.upload else {})
 
     def setup(self, fed: Federation) -> tuple[dict[str, dict[str, np.ndarray]], int, dict[str, str]]:
         """Runs the method's client setup on every client: the arrays each returns (for the server), their
@@ -224,12 +234,15 @@ class InProcessEngine:
                                            self.budgets(), self.gen_cache)
         return out, {}
 
-    def save_client_files(self, folder: Path, lora: dict) -> ClientFiles:
+    def save_client_files(self, folder: Path, lora: dict,
+                          downlink: Callable[[str], Downlink] | None = None) -> ClientFiles:
         """Client-owned adapters and arrays (never sent to the server) under adapters/clients/<id>/ in the run
-        folder; returns where each went, relative to `folder`."""
+        folder; returns where each went, relative to `folder`. `downlink` (the server's, where the driver
+        gives it) is what each client would be sent for evaluation: a personal model may combine the two."""
         files = ClientFiles()
         for cid, client in sorted(self.clients.items()):
-            for name, weights in self.client_side.client_adapters(client).items():
+            sent = downlink(cid) if downlink is not None else None
+            for name, weights in self.client_side.client_adapters(client, sent).items():
                 rel = f"adapters/clients/{cid}/{name.replace('/', '_')}"
                 save_adapter(weights, Path(folder) / rel, **lora)
                 files.adapters[(cid, name)] = rel

@@ -6,8 +6,11 @@ it is wrapped, as Flower's Array requires); the receiver checks keys, shapes, dt
 before it uses anything (`decode_adapter`, built on `peft_io.check_weights`).
 
 A round's message to a node holds its jobs, each a ConfigRecord `job.<i>`, and the distinct adapters they
-start from, each an ArrayRecord `w.<k>` sent once however many jobs share it. A reply holds one
-ConfigRecord `results` (lists aligned by result) and one ArrayRecord `r.<i>` per uploaded result.
+start from (or carry, `Job.extra`), each an ArrayRecord `w.<k>` sent once however many jobs share it; the
+run's initial adapter, which every node builds from the seed, is named, never sent. An adapter may be
+partial (the factors a job's server sends: FedSA-LoRA's A, FFA-LoRA's B). A reply holds one ConfigRecord
+`results` (lists aligned by result), one ArrayRecord `r.<i>` per uploaded result (the factors the job
+sends) and one `x.<i>.<k>` per extra array of it (SCAFFOLD's dc_i), named in `results`' `extra_*` lists.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from taskfed.config import RunConfig
 from taskfed.errors import TaskfedError
 from taskfed.evaluation.evaluate import METRICS, ClientEval, per_task_means
-from taskfed.methods.base import ALL_ROWS, Downlink, Federation, Job, LocalRef, Routed
+from taskfed.methods.base import ALL_ROWS, PARTS, Downlink, Federation, Job, LocalRef, Routed, part_of
 from taskfed.model.bank import AdapterWeights, RowMix
-from taskfed.model.peft_io import check_weights
+from taskfed.model.peft_io import check_weights, part_shapes
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -36,11 +39,15 @@ def encode_adapter(weights: AdapterWeights) -> ArrayRecord:
                         for k in sorted(weights)})
 
 
-def decode_adapter(record: Any, shapes: Shapes, where: str) -> AdapterWeights:
+def decode_adapter(record: Any, shapes: Shapes, where: str, partial: bool = False) -> AdapterWeights:
     """An ArrayRecord back to an adapter, refused with one sentence unless every tensor is float32 with the
-    expected key and shape and finite values."""
+    expected key and shape and finite values. `partial`: whole factors may be absent (every A or every B),
+    never some keys of a factor."""
     if not isinstance(record, ArrayRecord):
         raise TaskfedError(f"{where}: expected an array record.")
+    if partial:
+        held = {part_of(k) for k in record.keys()} & set(PARTS)
+        shapes = part_shapes(shapes, held or PARTS)
     out: AdapterWeights = {}
     missing = sorted(set(shapes) - set(record.keys()))
     if missing:
@@ -128,7 +135,8 @@ def decode_config(record: Any) -> RunConfig:
 
 
 # ----------------------------------------------------------------------------- jobs (server -> node)
-def encode_jobs(jobs: list[Job], round_idx: int, cfg: RunConfig) -> RecordDict:
+def encode_jobs(jobs: list[Job], round_idx: int, cfg: RunConfig, init: AdapterWeights | None = None) -> RecordDict:
+    """`init`: the run's initial adapter, which the node builds itself (a LocalRef defaulting to it names it)."""
     content = RecordDict({"config": encode_config(cfg), "round": ConfigRecord({"round": round_idx, "n_jobs": len(jobs)})})
     keys: dict[int, str] = {}  # id(adapter) -> its ArrayRecord name: each distinct adapter once
 
@@ -139,9 +147,10 @@ def encode_jobs(jobs: list[Job], round_idx: int, cfg: RunConfig) -> RecordDict:
         return keys[id(weights)]
 
     def source(w: AdapterWeights | LocalRef) -> list[str]:
-        # ["arrays", key] or ["local", store name, default's key or ""]
+        # ["arrays", key] or ["local", store name, default's key, "init" or ""]
         if isinstance(w, LocalRef):
-            return ["local", w.name, ref(w.default) if w.default is not None else ""]
+            default = "" if w.default is None else "init" if w.default is init else ref(w.default)
+            return ["local", w.name, default]
         return ["arrays", ref(w)]
 
     for i, job in enumerate(jobs):
@@ -149,7 +158,11 @@ def encode_jobs(jobs: list[Job], round_idx: int, cfg: RunConfig) -> RecordDict:
             "client": job.client, "adapter": job.adapter, "init": source(job.init),
             "rows": [str(x) for x in job.rows], "prox_mu": float(job.prox_mu), "scale": float(job.scale),
             "frozen_coef": [float(c) for _, c in job.frozen], "upload": bool(job.upload),
+            "trains": list(job.trains), "sends": list(job.sends),
+            "extra_names": sorted(job.extra), "extra": [ref(job.extra[k]) for k in sorted(job.extra)],
         }
+        if job.fill is not None:
+            rec["fill"] = source(job.fill)
         for j, (w, _) in enumerate(job.frozen):
             rec[f"frozen.{j}"] = source(w)
         for name in ("steps", "batch"):
@@ -165,8 +178,10 @@ def encode_jobs(jobs: list[Job], round_idx: int, cfg: RunConfig) -> RecordDict:
     return content
 
 
-def decode_jobs(content: RecordDict, shapes: Shapes) -> tuple[int, list[Job]]:
-    """The node's side: jobs with their adapters, each adapter checked like an upload."""
+def decode_jobs(content: RecordDict, shapes: Shapes, init: AdapterWeights | None = None) -> tuple[int, list[Job]]:
+    """The node's side: jobs with their adapters, each adapter checked like an upload (whole factors may be
+    absent: a partial start is completed from the job's `fill`, checked in full before training). `init` is
+    the node's own copy of the run's initial adapter."""
     head = content.config_records.get("round")
     if head is None:
         raise TaskfedError("flower message: no round header.")
@@ -176,11 +191,16 @@ def decode_jobs(content: RecordDict, shapes: Shapes) -> tuple[int, list[Job]]:
         if key not in adapters:
             if key not in content.array_records:
                 raise TaskfedError(f"flower message: job refers to missing adapter '{key}'.")
-            adapters[key] = decode_adapter(content.array_records[key], shapes, f"adapter {key} from the server")
+            adapters[key] = decode_adapter(content.array_records[key], shapes, f"adapter {key} from the server",
+                                           partial=True)
         return adapters[key]
 
     def source(value: list[str]) -> AdapterWeights | LocalRef:
         if value[0] == "local":
+            if value[2] == "init":
+                if init is None:
+                    raise TaskfedError("flower message: a job refers to the run's initial adapter, which this node lacks.")
+                return LocalRef(value[1], init)
             return LocalRef(value[1], arrays(value[2]) if value[2] else None)
         return arrays(value[1])
 
@@ -217,13 +237,23 @@ def _job(rec: ConfigRecord, source, arrays) -> Job:
     for key in ("client", "adapter"):
         if not isinstance(rec.get(key), str):
             raise TaskfedError(f"flower message: job field '{key}' is not a string.")
+    for key in ("trains", "sends"):
+        if not (_is_list(rec[key], str) and set(rec[key]) <= set(PARTS)):
+            raise TaskfedError(f"flower message: job field '{key}' = {rec[key]!r} is not a list of factors "
+                               f"({', '.join(PARTS)}).")
+    names, refs = rec["extra_names"], rec["extra"]
+    if not (_is_list(names, str) and _is_list(refs, str) and len(names) == len(refs) == len(set(names))):
+        raise TaskfedError("flower message: job's extra arrays are malformed.")
     return Job(client=rec["client"], adapter=rec["adapter"], init=source(list(rec["init"])), rows=rows or ALL_ROWS,
                steps=number("steps", int, 1), batch=number("batch", int, 1), lr=number("lr", float, 0.0, strictly=True),
                prox_mu=number("prox_mu", float, 0.0, 0.0), scale=number("scale", float, 0.0, 1.0),
                frozen=[(source(list(rec[f"frozen.{j}"])), number_of(c)) for j, c in enumerate(rec["frozen_coef"])],
                keep_as=rec.get("keep_as") if isinstance(rec.get("keep_as"), str) else None,
                upload=bool(rec["upload"]),
-               candidates=[arrays(k) for k in rec["candidates"]] if "candidates" in rec else None)
+               candidates=[arrays(k) for k in rec["candidates"]] if "candidates" in rec else None,
+               fill=source(list(rec["fill"])) if "fill" in rec else None,
+               trains=tuple(rec["trains"]), sends=tuple(rec["sends"]),
+               extra={n: arrays(k) for n, k in zip(names, refs)})
 
 
 def number_of(value: Any) -> float:
@@ -270,6 +300,20 @@ def check_results(record: Any, jobs: list[Job], where: str, n_train: int | None 
     return rows
 
 
+def check_extras(record: ConfigRecord, rows: list[dict[str, Any]], where: str) -> dict[int, list[str]]:
+    """The extra arrays a reply names (`extra_job`, `extra_name`: aligned lists), per result index in the
+    order they were sent, refused unless each belongs to an uploaded result and no name repeats in one."""
+    jobs, names = record.get("extra_job", []), record.get("extra_name", [])
+    if not (_is_list(jobs, int) and _is_list(names, str) and len(jobs) == len(names)):
+        raise TaskfedError(f"{where}: results fields 'extra_job' and 'extra_name' are not aligned lists.")
+    out: dict[int, list[str]] = {}
+    for i, name in zip(jobs, names):
+        if not 0 <= i < len(rows) or not rows[i]["uploaded"] or name in out.get(i, []):
+            raise TaskfedError(f"{where}: extra array '{name}' for result {i}, which uploaded none or has it twice.")
+        out.setdefault(i, []).append(name)
+    return out
+
+
 # ----------------------------------------------------------------------------- the federation's facts
 def encode_fed(fed: Federation) -> ConfigRecord:
     """The public facts the method's client side is built from (the rest comes from the config)."""
@@ -305,7 +349,8 @@ def decode_eval_request(content: RecordDict, shapes: Shapes) -> tuple[str, list[
     if not isinstance(ask, ConfigRecord) or not isinstance(ask.get("mode"), str) or not all(
             isinstance(ask.get(k), list) and all(isinstance(x, str) for x in ask[k]) for k in ("tasks", "adapters")):
         raise TaskfedError("flower message: malformed evaluation request.")
-    adapters = {name: decode_adapter(content.array_records.get(f"d.{i}"), shapes, f"adapter '{name}' from the server")
+    adapters = {name: decode_adapter(content.array_records.get(f"d.{i}"), shapes, f"adapter '{name}' from the server",
+                                     partial=True)
                 for i, name in enumerate(ask["adapters"])}
     arrays = decode_arrays(content.array_records.get("arrays"), "arrays from the server")
     return ask["mode"], list(ask["tasks"]), Downlink(adapters, arrays)

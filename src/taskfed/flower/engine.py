@@ -33,10 +33,10 @@ from taskfed.engine.inprocess import downlink_bytes
 from taskfed.errors import TaskfedError
 from taskfed.evaluation.evaluate import ClientEval
 from taskfed.flower.basecache import cached_base
-from taskfed.flower.codec import (check_results, check_stats, decode_adapter, decode_arrays, decode_eval_reply,
+from taskfed.flower.codec import (check_extras, check_results, check_stats, decode_adapter, decode_arrays, decode_eval_reply,
                                   encode_config, encode_eval_request, encode_fed, encode_jobs)
 from taskfed.methods.base import Downlink, Federation, Job, Result
-from taskfed.model.peft_io import n_bytes
+from taskfed.model.peft_io import n_bytes, part_shapes
 from taskfed.runtime import Runtime
 
 LOG = logging.getLogger("taskfed.flower")
@@ -193,7 +193,7 @@ class FlowerEngine:
     def restore_clients(self, state: None, where) -> None:
         """Nothing to send: each node loads the step a message starts from, or refuses when it lacks it."""
 
-    def save_client_files(self, folder: Path, lora: dict) -> ClientFiles:
+    def save_client_files(self, folder: Path, lora: dict, downlink=None) -> ClientFiles:
         """Client-owned adapters and arrays stay on the nodes (each writes its own beside its store after the
         last round, in the run folder's layout): nothing of them reaches the server."""
         return ClientFiles()
@@ -239,7 +239,7 @@ class FlowerEngine:
         msgs = {}
         for cid, idx in by_client.items():
             mine = [jobs[i] for i in idx]
-            content = encode_jobs(mine, round_idx, self.cfg)
+            content = encode_jobs(mine, round_idx, self.cfg, self.fed.init_adapter)
             content["fed"] = encode_fed(self.fed)
             msgs[cid] = self._message(self.node_of[cid], "train.round", content, group=str(round_idx))
             stats.bytes_down += downlink_bytes(mine)
@@ -282,14 +282,20 @@ class FlowerEngine:
         content = reply.content
         rows = check_results(content.config_records.get("results"), mine, where, self.n_train[cid])
         s = check_stats(content.config_records.get("stats"), where)
+        extras = check_extras(content.config_records["results"], rows, where)
         out = {}
         for i, row in enumerate(rows):
             job = mine[row["job"]]
-            weights = decode_adapter(content.array_records.get(f"r.{i}"), self.shapes, where) if row["uploaded"] else None
+            weights = (decode_adapter(content.array_records.get(f"r.{i}"), part_shapes(self.shapes, job.sends), where)
+                       if row["uploaded"] else None)
+            extra = {name: decode_adapter(content.array_records.get(f"x.{i}.{k}"), self.shapes, f"{where} ('{name}')")
+                     for k, name in enumerate(extras.get(i, []))}
             out[row["job"]] = Result(job=job, weights=weights, n_rows=row["n_rows"], n_client=row["n_client"],
-                                     loss=row["loss"], chosen=None if job.candidates is None else row["chosen"])
+                                     loss=row["loss"], chosen=None if job.candidates is None else row["chosen"],
+                                     extra=extra)
         # Counted only once the whole reply is accepted: a refused reply contributes nothing.
-        stats.bytes_up += sum(n_bytes(x.weights) for x in out.values() if x.weights is not None)
+        stats.bytes_up += sum(n_bytes(x.weights) + sum(n_bytes(e) for e in x.extra.values())
+                              for x in out.values() if x.weights is not None)
         stats.compute_seconds += s["compute_seconds"]
         stats.tokens += s["tokens"]
         stats.extra["node_load_seconds"] = max(stats.extra["node_load_seconds"], s["load_seconds"])

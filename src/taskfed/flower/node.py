@@ -42,7 +42,7 @@ from taskfed.flower.basecache import cached_base
 from taskfed.flower.codec import (decode_config, decode_eval_request, decode_fed, decode_jobs, encode_adapter,
                                   encode_arrays, encode_eval_reply)
 from taskfed.flower.store import load_store, save_store
-from taskfed.methods.base import Client, Federation
+from taskfed.methods.base import Client, Downlink, Federation
 from taskfed.model.loading import cache_dir
 from taskfed.population import Population, cap_per_task, client_ids, population, test_sets
 from taskfed.runtime import Runtime
@@ -203,6 +203,8 @@ def handle(kind: str, content: RecordDict, node_config: dict[str, Any], run_id: 
     if kind == "evaluate":
         mode, tasks, sent = decode_eval_request(content, rt.bank.shapes())
         evals, _ = engine.evaluate(mode, {client.id: tasks}, lambda _: sent)
+        if mode == "local":  # the client's files again, now with what the server sent (a personal model
+            write_client_adapters(cfg, engine, me, sent)  # may combine both: FedSA-LoRA's A with its own B)
         if client.id not in evals:  # no test rows for these tasks here
             return RecordDict({"skipped": ConfigRecord({"reason": "no test rows for the asked tasks"})})
         return encode_eval_reply(evals[client.id])
@@ -212,7 +214,7 @@ def handle(kind: str, content: RecordDict, node_config: dict[str, Any], run_id: 
 def _round(cfg: RunConfig, rt: Runtime, me: Node, engine: InProcessEngine, client: Client, content: RecordDict,
            load_seconds: float) -> RecordDict:
     """One round's jobs for this node's client, run by the in-process engine's own code."""
-    round_idx, jobs = decode_jobs(content, rt.bank.shapes())
+    round_idx, jobs = decode_jobs(content, rt.bank.shapes(), engine.client_side.fed.init_adapter)
     strangers = sorted({j.client for j in jobs} - {client.id})
     if strangers:
         raise TaskfedError(f"node {client.id} was sent jobs of client {strangers[0]}.")
@@ -224,10 +226,16 @@ def _round(cfg: RunConfig, rt: Runtime, me: Node, engine: InProcessEngine, clien
         write_client_adapters(cfg, engine, me)
     index = {id(job): i for i, job in enumerate(jobs)}
     reply = RecordDict()
+    extra_job, extra_name = [], []
     for i, r in enumerate(results):
         if r.weights is not None:
             reply[f"r.{i}"] = encode_adapter(r.weights)
+        for k, name in enumerate(sorted(r.extra)):
+            reply[f"x.{i}.{k}"] = encode_adapter(r.extra[name])
+            extra_job.append(i)
+            extra_name.append(name)
     reply["results"] = ConfigRecord({
+        "extra_job": extra_job, "extra_name": extra_name,
         "job": [index[id(r.job)] for r in results], "n_rows": [r.n_rows for r in results],
         "n_client": [r.n_client for r in results], "loss": [float(r.loss) for r in results],
         "chosen": [-1 if r.chosen is None else int(r.chosen) for r in results],
@@ -238,9 +246,11 @@ def _round(cfg: RunConfig, rt: Runtime, me: Node, engine: InProcessEngine, clien
     return reply
 
 
-def write_client_adapters(cfg: RunConfig, engine: InProcessEngine, me: Node) -> None:
+def write_client_adapters(cfg: RunConfig, engine: InProcessEngine, me: Node, sent: Downlink | None = None) -> None:
     """The client's own adapters (never sent), as PEFT folders beside its store (adapters/clients/<id>/, the
-    run folder's layout), and its arrays (FedDPA's references where allowed), after the last round."""
+    run folder's layout), and its arrays (FedDPA's references where allowed), after the last round and on
+    the local evaluation (with its downlink, as the in-process driver writes them)."""
     from taskfed.federation import lora_description
 
-    engine.save_client_files(me.state_dir(engine.client_side.fed).parent, lora_description(cfg))  # adapters/clients/<id>/...
+    engine.save_client_files(me.state_dir(engine.client_side.fed).parent, lora_description(cfg),  # adapters/clients/<id>/...
+                             None if sent is None else (lambda _: sent))

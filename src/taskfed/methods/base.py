@@ -9,6 +9,8 @@ Server side:  setup_server(uploads)     plan(round, clients) -> [Job]     aggreg
               server_adapters()     downlink(client) -> Downlink (what a client is sent for evaluation)
               eval_report(mode, [Routed]) -> metrics.json extras, from what the clients reported
 Client side:  setup_client(client, rt) -> arrays for the server (optional, before round 0)
+              job_correction(client, job) -> a per-step correction of the job's training (SCAFFOLD)
+              job_done(client, job, run) -> extra adapter-shaped arrays uploaded with the job's result
               eval_adapters(client, sent) -> {name: weights}     route(client, records, names, rt, sent) -> RowMix
               eval_facts(client) -> arrays for the evaluation's bookkeeping
               client_adapters(client), client_arrays(client, rt) -> what the client keeps at the end of a run
@@ -47,6 +49,27 @@ class LocalRef:
     default: AdapterWeights | None = None
 
 
+# The two factors of a LoRA adapter, by the suffix of their keys: what a job may train, and what travels
+# (FedSA-LoRA uploads only A, FFA-LoRA trains and uploads only B). A *partial* adapter holds the keys of some
+# parts only; its bytes are what it holds.
+PARTS: tuple[str, ...] = ("A", "B")
+
+
+def part_of(key: str) -> str:
+    """The factor a key belongs to ("...lora_A" -> "A")."""
+    return key.rsplit("_", 1)[-1]
+
+
+def only(weights: AdapterWeights, parts: tuple[str, ...]) -> AdapterWeights:
+    """The keys of `weights` that belong to `parts` (the same tensors, not copies)."""
+    return {k: v for k, v in weights.items() if part_of(k) in parts}
+
+
+def merged(base: AdapterWeights, over: AdapterWeights) -> AdapterWeights:
+    """`base` with the keys `over` holds replaced by `over`'s (a partial adapter completed)."""
+    return {**base, **over}
+
+
 # Row selectors, resolved on the client: all rows; the rows of one task; the rows whose label in the
 # client's store (an int array, one entry per row) equals a value.
 ALL_ROWS: tuple = ()
@@ -77,6 +100,34 @@ class Job:
     # IFCA: start from whichever candidate has the lowest loss on one seeded batch of the job's rows
     # (then `init` is ignored and Result.chosen says which).
     candidates: list[AdapterWeights] | None = None
+    # When `init` is a partial adapter (only the parts the server sends): where the client takes the other
+    # keys from, e.g. its own B (FedSA-LoRA) or the run's seeded A0 (FFA-LoRA), which never travel.
+    fill: LocalRef | None = None
+    trains: tuple[str, ...] = PARTS  # the factors the optimizer updates; the others stay as they started
+    sends: tuple[str, ...] = PARTS  # the factors uploaded (when `upload`)
+    # Adapter-shaped arrays sent with the job for the method's client side (SCAFFOLD's control variate c),
+    # counted in the bytes down like the adapters.
+    extra: dict[str, AdapterWeights] = field(default_factory=dict)
+
+
+@dataclass
+class Correction:
+    """A constant correction of a job's training, per factor key (SCAFFOLD's c - c_i): `at = "weights"`
+    subtracts lr x delta from the weights after every optimizer step; `at = "grad"` adds delta to the
+    gradient before it."""
+
+    delta: AdapterWeights
+    at: str = "weights"
+
+
+@dataclass
+class JobRun:
+    """What the client knows of a finished job: where it started, what it trained to, its budget."""
+
+    start: AdapterWeights
+    trained: AdapterWeights
+    steps: int
+    lr: float
 
 
 @dataclass
@@ -87,6 +138,7 @@ class Result:
     n_client: int  # the client's training rows in all
     loss: float
     chosen: int | None = None  # index into Job.candidates
+    extra: dict[str, AdapterWeights] = field(default_factory=dict)  # `Method.job_done`'s upload (SCAFFOLD's dc_i)
 
 
 @dataclass
@@ -223,6 +275,15 @@ class Method:
         """Runs on each client before round 0; what it returns travels to the server as arrays."""
         return None
 
+    def job_correction(self, client: Client, job: Job) -> Correction | None:
+        """A per-step correction of the job's training, from what the job carries and the client's store."""
+        return None
+
+    def job_done(self, client: Client, job: Job, run: JobRun) -> dict[str, AdapterWeights]:
+        """After the job trained, on the client: adapter-shaped arrays uploaded with its result (none by
+        default); the hook may keep what it needs in the client's store."""
+        return {}
+
     def eval_adapters(self, client: Client, sent: Downlink) -> dict[str, AdapterWeights]:
         """The adapters the client evaluates with: by default what it was sent."""
         return dict(sent.adapters)
@@ -236,8 +297,9 @@ class Method:
         local clusters hold): joined with true labels, which the method itself never uses."""
         return {}
 
-    def client_adapters(self, client: Client) -> dict[str, AdapterWeights]:
-        """The client-owned adapters worth saving at the end of a run (never sent to the server)."""
+    def client_adapters(self, client: Client, sent: Downlink | None = None) -> dict[str, AdapterWeights]:
+        """The client-owned adapters worth saving at the end of a run (never sent to the server); `sent`,
+        where the engine has it, is the server's evaluation downlink (a personal model may combine both)."""
         return {}
 
     def client_arrays(self, client: Client, rt) -> dict[str, dict[str, torch.Tensor]]:

@@ -162,7 +162,7 @@ class _FedDPA(Method):
     def eval_adapters(self, client: Client, sent: Downlink) -> dict[str, AdapterWeights]:
         return {"global": sent.adapters["global"], "local": self._local(client)}
 
-    def client_adapters(self, client: Client) -> dict[str, AdapterWeights]:
+    def client_adapters(self, client: Client, sent=None) -> dict[str, AdapterWeights]:
         return {"local": client.store[LOCAL]} if LOCAL in client.store else {}
 
     def client_arrays(self, client: Client, rt) -> dict[str, dict[str, torch.Tensor]]:

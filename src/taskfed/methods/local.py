@@ -19,5 +19,5 @@ class Local(Method):
     def eval_adapters(self, client: Client, sent):
         return {"local": client.resolve(LocalRef("local", self.fed.init_adapter))}
 
-    def client_adapters(self, client: Client):
+    def client_adapters(self, client: Client, sent=None):
         return {"local": client.resolve(LocalRef("local", self.fed.init_adapter))}

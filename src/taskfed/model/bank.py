@@ -214,14 +214,14 @@ class AdapterBank:
         for) and one multi-tensor copy into the stacked tensors, instead of a blocking copy per layer."""
         if not adapters:
             return
-        n, params = len(adapters), self._stacked()
+        n, params = len(adapters), self.stacked()
         stacked = [torch.stack([a[key] for a in adapters]).to(torch.float32) for key, _ in params]
         torch._foreach_copy_([p[:n] for _, p in params], host_to_device(stacked, params[0][1].device))
 
     @torch.no_grad()
     def read_many(self, n: int, first: int = 0) -> list[AdapterWeights]:
         """Slots first..first+n-1 as float32 CPU dicts, in ONE device-to-host copy."""
-        params = self._stacked()
+        params = self.stacked()
         flat = torch.cat([p[first:first + n].reshape(-1) for _, p in params]).to("cpu", torch.float32)
         parts = flat.split([n * p[0].numel() for _, p in params])
         out: list[AdapterWeights] = [{} for _ in range(n)]
@@ -230,7 +230,7 @@ class AdapterBank:
                 out[j][key] = t.clone()  # its own storage: a caller keeping one slot keeps no other
         return out
 
-    def _stacked(self) -> list[tuple[str, nn.Parameter]]:
+    def stacked(self) -> list[tuple[str, nn.Parameter]]:
         return [(f"{name}.{part}", getattr(layer, part)) for name, layer in self.layers.items()
                 for part in ("lora_A", "lora_B")]
 

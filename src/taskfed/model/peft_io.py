@@ -87,5 +87,18 @@ def check_weights(weights: AdapterWeights, expected: dict[str, tuple[int, ...]],
             raise TaskfedError(f"{where}: tensor '{key}' holds NaN or infinite values.")
 
 
+def part_shapes(shapes: dict[str, tuple[int, ...]], parts) -> dict[str, tuple[int, ...]]:
+    """The shapes of the keys of these factors ("A", "B") only."""
+    return {k: v for k, v in shapes.items() if k.rsplit("_", 1)[-1] in tuple(parts)}
+
+
+def check_upload(weights: AdapterWeights, extra: dict[str, AdapterWeights], shapes: dict[str, tuple[int, ...]],
+                 job, where: str) -> None:
+    """An upload as the server expects it: the factors the job sends, and each extra array adapter-shaped."""
+    check_weights(weights, part_shapes(shapes, job.sends), where)
+    for name, value in sorted(extra.items()):
+        check_weights(value, shapes, f"{where} ('{name}')")
+
+
 def n_bytes(weights: AdapterWeights, bytes_per_value: int = 4) -> int:
     return sum(math.prod(t.shape) for t in weights.values()) * bytes_per_value
