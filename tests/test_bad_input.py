@@ -75,6 +75,8 @@ def test_version_and_demo_help():
     ("seed=-1", "'seed': Input should be greater than or equal to 0"),
     (f"seed={2**63}", "'seed': Input should be less than 9223372036854775808"),
     ("model.device=gpu", "unknown device 'gpu'"),
+    # A run that would silently do less than asked (issue 30, class 16): an unseen mode with nothing held out.
+    ('eval.modes=["unseen"]', "eval.modes includes 'unseen' but data.unseen_tasks is empty"),
 ])
 def test_config_values_are_strict_finite_and_consistent(override, message):
     base = ["method.name=fedprox"] if override.startswith("method.") else []
@@ -237,6 +239,9 @@ def test_sizes_and_names_are_checked_against_the_model(monkeypatch, tiny_runtime
 
     with pytest.raises(TaskfedError, match=r"'qkv' names no linear layer of tiny \(it has: down_proj, .*q_proj"):
         tiny_runtime_factory(tiny_config("lora.target_modules=['q_proj', 'qkv']"))
+    # The output head is a linear layer, but not one an adapter can train (issue 30, class 9).
+    with pytest.raises(TaskfedError, match=r"'lm_head' is tiny's output head, which taskfed does not adapt"):
+        tiny_runtime_factory(tiny_config("lora.target_modules=['lm_head']"))
     monkeypatch.setattr(loading, "available_bytes", lambda device: 10**9)
     with pytest.raises(TaskfedError, match=r"lora.r = 100000: the adapters need about 4.5 GB .* more than the 1.0 GB"):
         tiny_runtime_factory(tiny_config("lora.r=100000"))

@@ -257,7 +257,8 @@ def test_scaffold_refuses_update_privacy():
 
 # ----------------------------------------------------------------------------- FedSA-LoRA
 def test_fedsa_uploads_only_a_and_each_client_keeps_its_own_b(tmp_path, monkeypatch):
-    ex = Experiment(config("fedsa-lora", "train.rounds=3"))
+    ex = Experiment(config("fedsa-lora", "train.rounds=3", 'data.unseen_tasks=["web_nlg_en"]',
+                           'eval.modes=["local","global","unseen"]'))
     log = recording(ex)
     starts = []
     job_done = FedSALoRA.job_done
@@ -267,8 +268,11 @@ def test_fedsa_uploads_only_a_and_each_client_keeps_its_own_b(tmp_path, monkeypa
         starts.append((client.id, {k: v.clone() for k, v in run.start.items()}, only(before, ("B",)), job.init))
         return job_done(self, client, job, run)
     monkeypatch.setattr(FedSALoRA, "job_done", spy)
-    ex.run(tmp_path / "run")
+    metrics = ex.run(tmp_path / "run")
     side = ex.engine.client_side
+    # Every mode evaluates the personal models: unseen on the held-out task only.
+    assert set(metrics["eval"]) == {"local", "global", "unseen"}
+    assert all(set(c["per_task"]) == {"web_nlg_en"} for c in metrics["eval"]["unseen"]["per_client"].values())
     shapes = ex.rt.bank.shapes()
     assert all(set(res.weights) == set(only(shapes, ("A",))) for e in log for res in e["results"])
     assert all(rec["bytes_up"] == rec["bytes_down"] == 3 * n_bytes_of(shapes, "A") for rec in ex.rounds)

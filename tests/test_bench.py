@@ -221,6 +221,13 @@ def test_a_changed_suite_does_not_mix_into_an_old_bench(suite_file: Path, tmp_pa
     (lambda s: s.replace("n_global = 2", "n_globl = 2"), "scenario 'dual', method 'fedrouter': unknown key 'method.n_globl'"),
     (lambda s: s.replace('tasks = ["snli", "trec"]', 'tasks = ["snli", "trec"]\nmax_lenght = 9'), "unknown key 'data.max_lenght'"),
     (lambda s: s.replace('{ name = "fedavg" }', '{ name = "fedavg" }, { name = "fedavg" }'), "lists method 'fedavg' twice"),
+    # Validated as strictly as a run config (issue 30, class 15): seeds are ints as written and distinct, and a
+    # scenario label is never one of the bench's own files.
+    (lambda s: s.replace("seeds = [0, 1]", 'seeds = ["1"]'), "bad value for 'seeds.0': Input should be a valid integer"),
+    (lambda s: s.replace("seeds = [0, 1]", "seeds = [true]"), "bad value for 'seeds.0'"),
+    (lambda s: s.replace("seeds = [0, 1]", "seeds = [1.0]"), "bad value for 'seeds.0'"),
+    (lambda s: s.replace("seeds = [0, 1]", "seeds = [0, 0]"), "seed 0 is listed twice"),
+    (lambda s: s.replace('label = "dual"', 'label = "runs.json"'), "label 'runs.json' is a name the bench writes itself"),
 ])
 def test_suite_errors_name_the_file_and_key(suite_file: Path, edit, message):
     suite_file.write_text(edit(SUITE))
@@ -269,6 +276,11 @@ def test_baselines_suite_runs_every_baseline_beside_the_seeds_methods_and_ranks_
 def test_bench_cli_smoke_and_device_flag(suite_file: Path, tmp_path: Path):
     grid = cells(load_suite(suite_file), "s", smoke=True, device="cuda:0")
     assert {(c.cfg.model.name, c.cfg.model.device, c.cfg.model.dtype) for c in grid} == {("tiny", "cuda:0", "bfloat16")}
+    with pytest.raises(TaskfedError, match=r"--device tpu: unknown device 'tpu'"):
+        cells(load_suite(suite_file), "s", device="tpu")
+    # A device this machine lacks: one error line before anything is written (no stamp left behind).
+    result = CliRunner().invoke(app, ["bench", str(suite_file), "--out", str(tmp_path / "g"), "--device", "cuda:7"])
+    assert result.exit_code == 2 and "no device 'cuda:7'" in result.output and not (tmp_path / "g").exists()
     result = CliRunner().invoke(app, ["bench", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "suite file does not exist" in result.output
     assert not (tmp_path / "o").exists()

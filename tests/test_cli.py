@@ -64,6 +64,18 @@ def test_metrics_schema_adapters_and_determinism(tmp_path, monkeypatch):
     assert _run("run", outs[0] / "config.toml", "--out", tmp_path / "c", "--smoke").exit_code == 0
 
 
+def test_smoke_says_which_set_items_it_replaces(tmp_path, monkeypatch):
+    """--smoke swaps in the tiny model and a minimal budget: a --set of those keys is overridden, in one line
+    each, never silently (issue 30, class 16)."""
+    monkeypatch.chdir(ROOT)
+    result = _run("run", ROOT / "configs" / "fedavg.toml", "--out", tmp_path / "s", "--smoke",
+                  "--set", "model.name=smollm2", "--set", "train.rounds=5", "--set", "seed=3")
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.output.splitlines() if "note: --smoke replaces" in line]
+    assert len(notes) == 2 and "model.name=smollm2" in notes[0] and "train.rounds=5" in notes[1]
+    assert json.loads((tmp_path / "s" / "metrics.json").read_text())["seed"] == 3
+
+
 @pytest.mark.parametrize("args, message", [
     (["--set", "train.rouns=3"], "unknown key 'train.rouns'"),
     (["--set", "train.rounds=-1"], "bad value for 'train.rounds'"),

@@ -50,13 +50,15 @@ def run(
                                                         "(OUT.partial/), to the same result."),
 ) -> None:
     """Run one experiment and write its run folder (checkpointed after every round into OUT.partial/)."""
-    from taskfed.config import load_config, smoke as smoke_config
+    from taskfed.config import load_config, smoke as smoke_config, smoke_overridden
     from taskfed.runfolder import check_out
 
     with guarded(sigterm=True):
         cfg = load_config(config, set_ or [])
         if smoke:
             cfg = smoke_config(cfg)
+            for item in smoke_overridden(set_ or []):
+                _log(f"note: --smoke replaces --set {item} (the tiny model, a minimal budget)")
         check_out(out, resume)
         from taskfed.run import run_experiment  # torch and the methods: only once the config is valid
 

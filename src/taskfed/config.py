@@ -146,6 +146,9 @@ class RunConfig(_Strict):
                              f"runs from lr_max down to lr_min)")
         if len(set(self.eval.modes)) != len(self.eval.modes):
             raise ValueError(f"eval.modes lists a mode twice: {self.eval.modes}")
+        if "unseen" in self.eval.modes and not self.data.unseen_tasks:  # it would evaluate nothing
+            raise ValueError("eval.modes includes 'unseen' but data.unseen_tasks is empty: name the tasks to hold "
+                             "out of training, or drop the mode")
         if s.clients_per_round is not None and s.clients_per_round > s.n_clients:
             raise ValueError(f"scenario.clients_per_round = {s.clients_per_round} is above scenario.n_clients = "
                              f"{s.n_clients}")
@@ -257,6 +260,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], sources: dict[str
         if sources is not None:
             sources[".".join(parts)] = item
     return raw
+
+
+# The keys `smoke` replaces (a `--set` of one of them is overridden, and the CLI says so).
+SMOKE_KEYS = ("model.name", "model.dtype", "model.device", "train.rounds", "train.steps", "train.batch",
+              "data.max_length", "data.max_train_per_task", "eval.max_rows_per_task", "eval.max_new_tokens")
+
+
+def smoke_overridden(sets: list[str]) -> list[str]:
+    """The `--set` items whose key `smoke` replaces."""
+    return [item for item in sets if item.partition("=")[0].strip() in SMOKE_KEYS]
 
 
 def smoke(cfg: RunConfig) -> RunConfig:

@@ -370,8 +370,9 @@ def train_pack(rt: Runtime, specs: list[TrainSpec], stats: PackStats | None = No
 
 
 def _part_masks(bank, specs: list[TrainSpec]) -> list[torch.Tensor] | None:
-    """Per bank parameter, a 0/1 factor per slot (slot x 1 x 1, on the device): 0 where the slot's job does
-    not train that factor (a frozen A); None when every job trains everything (no op in the step)."""
+    """Per bank parameter, a 0/1 tensor of its shape (one value per slot, on the device): 0 where the slot's
+    job does not train that factor (a frozen A); None when every job trains everything (no op in the step).
+    Full-shaped, not slot x 1 x 1: a multi-tensor multiply of equal shapes stays one fused kernel."""
     if all(set(s.trains) >= {"A", "B"} for s in specs):
         return None
     params = bank.parameters()
@@ -381,7 +382,7 @@ def _part_masks(bank, specs: list[TrainSpec]) -> list[torch.Tensor] | None:
         for j, s in enumerate(specs):
             if name.rsplit("_", 1)[-1] not in s.trains:
                 keep[j] = 0.0
-        out.append(keep)
+        out.append(keep.expand(p.shape).contiguous())
     return host_to_device(out, params[0].device)
 
 

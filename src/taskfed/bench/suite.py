@@ -43,9 +43,9 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
-from taskfed.config import RunConfig, read_toml, smoke as smoke_config, validate_config
+from taskfed.config import ModelConfig, RunConfig, read_toml, smoke as smoke_config, validate_config
 from taskfed.errors import TaskfedError
 
 SUITE_VERSION = 1
@@ -98,6 +98,8 @@ class ScenarioSpec(BaseModel):
     @field_validator("label")
     @classmethod
     def _label(cls, v: str) -> str:
+        if v in BENCH_FILES:  # its folder would be one of the bench's own files
+            raise ValueError(f"label {v!r} is a name the bench writes itself ({', '.join(sorted(BENCH_FILES))})")
         return check_label(v, "label")
 
 
@@ -105,11 +107,19 @@ class Suite(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: int = SUITE_VERSION
     name: str
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[StrictInt] = Field(default_factory=lambda: [0], min_length=1)  # ints as written: no "1", true, 1.0
     baselines: list[str] = Field(default_factory=lambda: list(BASELINES))
     reference: bool = True  # a "base" cell (the untrained base model, methods/untrained.py) in every scenario
     base: dict[str, Any] = Field(default_factory=dict)
     scenario: list[ScenarioSpec] = Field(min_length=1)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        repeated = sorted({s for s in v if v.count(s) > 1})
+        if repeated:
+            raise ValueError(f"seed {repeated[0]} is listed twice (each seed is one cell per method)")
+        return v
 
     @field_validator("version")
     @classmethod
@@ -153,6 +163,11 @@ def load_suite(path: Path) -> Suite:
 def cells(suite: Suite, source: str, smoke: bool = False, device: str | None = None) -> list[Cell]:
     """Every cell's validated run config, in a fixed order (scenario, method, seed)."""
     out, seen = [], set()
+    if device is not None:  # the option's format, before any cell (the machine's devices: run_bench)
+        try:
+            ModelConfig._device(device)
+        except ValueError as exc:
+            raise TaskfedError(f"--device {device}: {exc}.") from None
     if "method" in suite.base or "seed" in suite.base:
         raise TaskfedError(f"{source}: [base] may not set 'method' or 'seed' (the suite's grid does).")
     for spec in suite.scenario:
@@ -247,6 +262,10 @@ def run_bench(suite_path: Path, out: Path, smoke: bool = False, device: str | No
     suite = load_suite(suite_path)
     grid = cells(suite, str(suite_path), smoke, device)
     resolved = {"suite": suite.model_dump(exclude_none=True), "smoke": smoke, "device": device}
+    if device is not None:  # a device this machine lacks: refused before the folder is stamped
+        from taskfed.model.loading import check_device
+
+        check_device(device)
     claim_folder(out, resolved, grid)  # only now that every cell validated
     # torch, matplotlib and the methods: only once the suite is valid
     from taskfed.bench.report import write_report

@@ -151,8 +151,17 @@ def check_fit(model, cfg) -> None:
     """Before the bank is built: every `lora.target_modules` name is a linear layer of the model, and the
     adapters fit in the device's free memory (an estimate; refused with the numbers, not an allocator error
     after the model loaded)."""
-    linear = sorted({name.split(".")[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)})
+    # The output head is not adaptable: the loss projects hidden states through its frozen weight directly
+    # (training.token_losses, response tokens only), so an adapter there would never train.
+    head = model.get_output_embeddings()
+    heads = {name.split(".")[-1] for name, mod in model.named_modules() if mod is head}
+    linear = sorted({name.split(".")[-1] for name, mod in model.named_modules()
+                     if isinstance(mod, torch.nn.Linear) and mod is not head})
     for target in cfg.lora.target_modules:
+        if target in heads:
+            raise TaskfedError(f"lora.target_modules: '{target}' is {cfg.model.name}'s output head, which taskfed "
+                               f"does not adapt (the loss uses its frozen weight directly); choose among "
+                               f"{', '.join(linear)}.")
         if target not in linear:
             raise TaskfedError(f"lora.target_modules: '{target}' names no linear layer of {cfg.model.name} "
                                f"(it has: {', '.join(linear)}).")
