@@ -368,3 +368,50 @@ def test_new_job_fields_round_trip_over_the_codec():
         decode_adapter(encode_adapter(half), shapes, "test", partial=True)
     with pytest.raises(TaskfedError, match="lacks tensor"):
         decode_adapter(encode_adapter(half), shapes, "test")
+
+
+def test_fedsa_mean_b_uploads_every_b_once_and_evaluates_the_mean():
+    ex = Experiment(config("fedsa-lora", "method.eval=mean_b"))
+    log = recording(ex)
+    metrics = ex.run(None)
+    shapes = ex.rt.bank.shapes()
+    assert len(ex.rounds) == 3  # the budget's 2 rounds, then the B round
+    last = ex.rounds[-1]
+    assert last["bytes_up"] == 3 * n_bytes_of(shapes, "B") and last["bytes_down"] == 3 * n_bytes_of(shapes, "A")
+    own = {cid: only(cl.store[FEDSA_OWN], ("B",)) for cid, cl in ex.engine.clients.items()}
+    uploads = log[-1]["results"]
+    assert all(torch.equal(r.weights[k], own[r.job.client][k]) for r in uploads for k in r.weights)  # untrained
+    n = sum(r.n_client for r in uploads)
+    served = ex.method.server_adapters()["global"]
+    for k in own["0"]:
+        want = sum(r.n_client * r.weights[k].double() for r in uploads) / n
+        torch.testing.assert_close(served[k].double(), want, rtol=1e-6, atol=1e-8)
+    assert all(torch.equal(served[k], ex.method.a_global[k]) for k in ex.method.a_global)
+    assert set(metrics["eval"]) == {"local", "global"}
+
+
+def test_fedsa_shared_b_chains_each_clients_b_into_the_next():
+    ex = Experiment(config("fedsa-lora", "method.shared_b=true"))
+    log = recording(ex)
+    ex.run(None)
+    assert len(ex.rounds) == 2 * 3  # a chain of the 3 clients per round
+    jobs = [(e["results"][0].job, e["results"][0].weights) for e in log]
+    assert [j.client for j, _ in jobs] == ["0", "1", "2"] * 2
+    for (_, prev), (job, _) in zip(jobs, jobs[1:]):  # each starts from the B the one before it trained
+        assert all(torch.equal(job.init[k], prev[k]) for k in prev if k.endswith("lora_B"))
+    # A_global moves only at a chain's end: the sample-weighted mean of the chain's A's.
+    chain = [e["results"][0] for e in log[3:]]
+    n = sum(r.n_client for r in chain)
+    for k in ex.method.a_global:
+        want = sum(r.n_client * r.weights[k].double() for r in chain) / n
+        torch.testing.assert_close(ex.method.a_global[k].double(), want, rtol=1e-6, atol=1e-8)
+    assert all(torch.equal(jobs[4][0].init[k], jobs[3][0].init[k]) for k in jobs[3][0].init if k.endswith("lora_A"))
+    tc = ex.cfg.train
+    assert [j.lr for j, _ in jobs] == [cosine_lr(r // 3, tc.rounds, tc.lr_max, tc.lr_min) for r in range(6)]
+
+
+def test_fedsa_switches_that_contradict_are_one_error():
+    from taskfed.methods import check_params
+
+    with pytest.raises(TaskfedError, match="shared_b = true does not keep"):
+        check_params({"name": "fedsa-lora", "shared_b": True, "eval": "mean_b"})
