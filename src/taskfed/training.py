@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from taskfed import packing, progress
 from taskfed.model.bank import AdapterWeights, RowMix, TokenMix, host_to_device
+from taskfed.model.parts import PARTS, part_of
 from taskfed.runtime import Encoded, Runtime
 
 IGNORE = -100
@@ -52,7 +53,7 @@ class TrainSpec:
     prox_ref: AdapterWeights | None = None
     scale: float = 1.0  # weight of the trained adapter in the layer output
     frozen: list[tuple[AdapterWeights, float]] = field(default_factory=list)  # detached terms (weights, coef)
-    trains: tuple[str, ...] = ("A", "B")  # the factors the optimizer updates (FFA-LoRA: B only)
+    trains: tuple[str, ...] = PARTS  # the factors the optimizer updates (FFA-LoRA: B only)
     correction: object | None = None  # a methods.base.Correction applied at every step (SCAFFOLD)
 
 
@@ -373,14 +374,14 @@ def _part_masks(bank, specs: list[TrainSpec]) -> list[torch.Tensor] | None:
     """Per bank parameter, a 0/1 tensor of its shape (one value per slot, on the device): 0 where the slot's
     job does not train that factor (a frozen A); None when every job trains everything (no op in the step).
     Full-shaped, not slot x 1 x 1: a multi-tensor multiply of equal shapes stays one fused kernel."""
-    if all(set(s.trains) >= {"A", "B"} for s in specs):
+    if all(set(s.trains) >= set(PARTS) for s in specs):
         return None
     params = bank.parameters()
     out = []
     for name, p in bank.stacked():
         keep = torch.ones(p.shape[0], *([1] * (p.dim() - 1)))
         for j, s in enumerate(specs):
-            if name.rsplit("_", 1)[-1] not in s.trains:
+            if part_of(name) not in s.trains:
                 keep[j] = 0.0
         out.append(keep.expand(p.shape).contiguous())
     return host_to_device(out, params[0].device)

@@ -25,9 +25,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from taskfed.config import RunConfig
 from taskfed.errors import TaskfedError
 from taskfed.evaluation.evaluate import METRICS, ClientEval, per_task_means
-from taskfed.methods.base import ALL_ROWS, PARTS, Downlink, Federation, Job, LocalRef, Routed, part_of
+from taskfed.methods.base import ALL_ROWS, PARTS, Downlink, Federation, Job, LocalRef, Routed, only, part_of
 from taskfed.model.bank import AdapterWeights, RowMix
-from taskfed.model.peft_io import check_weights, part_shapes
+from taskfed.model.peft_io import check_weights
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -47,7 +47,7 @@ def decode_adapter(record: Any, shapes: Shapes, where: str, partial: bool = Fals
         raise TaskfedError(f"{where}: expected an array record.")
     if partial:
         held = {part_of(k) for k in record.keys()} & set(PARTS)
-        shapes = part_shapes(shapes, held or PARTS)
+        shapes = only(shapes, tuple(held) or PARTS)
     out: AdapterWeights = {}
     missing = sorted(set(shapes) - set(record.keys()))
     if missing:

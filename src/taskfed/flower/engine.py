@@ -36,7 +36,8 @@ from taskfed.flower.basecache import cached_base
 from taskfed.flower.codec import (check_extras, check_results, check_stats, decode_adapter, decode_arrays, decode_eval_reply,
                                   encode_config, encode_eval_request, encode_fed, encode_jobs)
 from taskfed.methods.base import Downlink, Federation, Job, Result
-from taskfed.model.peft_io import n_bytes, part_shapes
+from taskfed.model.parts import only
+from taskfed.model.peft_io import n_bytes
 from taskfed.runtime import Runtime
 
 LOG = logging.getLogger("taskfed.flower")
@@ -286,7 +287,7 @@ class FlowerEngine:
         out = {}
         for i, row in enumerate(rows):
             job = mine[row["job"]]
-            weights = (decode_adapter(content.array_records.get(f"r.{i}"), part_shapes(self.shapes, job.sends), where)
+            weights = (decode_adapter(content.array_records.get(f"r.{i}"), only(self.shapes, job.sends), where)
                        if row["uploaded"] else None)
             extra = {name: decode_adapter(content.array_records.get(f"x.{i}.{k}"), self.shapes, f"{where} ('{name}')")
                      for k, name in enumerate(extras.get(i, []))}

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict
 
 from taskfed.data.records import Record
 from taskfed.model.bank import AdapterWeights, RowMix
+from taskfed.model.parts import PARTS, merged, only, part_of  # noqa: F401  (the methods' vocabulary)
 from taskfed.privacy import contributor_weight, noised
 from taskfed.routing import RouterState
 
@@ -47,27 +48,6 @@ class LocalRef:
 
     name: str
     default: AdapterWeights | None = None
-
-
-# The two factors of a LoRA adapter, by the suffix of their keys: what a job may train, and what travels
-# (FedSA-LoRA uploads only A, FFA-LoRA trains and uploads only B). A *partial* adapter holds the keys of some
-# parts only; its bytes are what it holds.
-PARTS: tuple[str, ...] = ("A", "B")
-
-
-def part_of(key: str) -> str:
-    """The factor a key belongs to ("...lora_A" -> "A")."""
-    return key.rsplit("_", 1)[-1]
-
-
-def only(weights: AdapterWeights, parts: tuple[str, ...]) -> AdapterWeights:
-    """The keys of `weights` that belong to `parts` (the same tensors, not copies)."""
-    return {k: v for k, v in weights.items() if part_of(k) in parts}
-
-
-def merged(base: AdapterWeights, over: AdapterWeights) -> AdapterWeights:
-    """`base` with the keys `over` holds replaced by `over`'s (a partial adapter completed)."""
-    return {**base, **over}
 
 
 # Row selectors, resolved on the client: all rows; the rows of one task; the rows whose label in the

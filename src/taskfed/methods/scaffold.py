@@ -84,8 +84,13 @@ class Scaffold(FedAvg):
                 "scaffold_dc_norm_max": max(n, default=0.0)}
 
     # ---- client side
+    @staticmethod
+    def _c_i(client: Client, job: Job) -> AdapterWeights:
+        """The client's control variate (zeros before its first job)."""
+        return client.resolve(LocalRef(C_I, _zeros(job.extra["c"])))
+
     def _corr(self, client: Client, job: Job) -> AdapterWeights:
-        c_i = client.resolve(LocalRef(C_I, _zeros(job.extra["c"])))
+        c_i = self._c_i(client, job)
         return {k: job.extra["c"][k] - c_i[k] for k in c_i}
 
     def job_correction(self, client: Client, job: Job) -> Correction | None:
@@ -94,8 +99,7 @@ class Scaffold(FedAvg):
         return Correction(self._corr(client, job), at=self.params.correction)
 
     def job_done(self, client: Client, job: Job, run: JobRun) -> dict[str, AdapterWeights]:
-        c_i = client.resolve(LocalRef(C_I, _zeros(job.extra["c"])))
-        corr = self._corr(client, job)
+        c_i, corr = self._c_i(client, job), self._corr(client, job)
         scale = 1.0 / (run.steps * run.lr)
         c_new = {k: ((run.start[k].double() - run.trained[k].double()) * scale - corr[k].double()).float()
                  for k in c_i}

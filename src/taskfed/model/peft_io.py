@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from taskfed.errors import TaskfedError
 from taskfed.model.bank import AdapterWeights
+from taskfed.model.parts import only
 
 PREFIX = "base_model.model."
 
@@ -87,15 +88,10 @@ def check_weights(weights: AdapterWeights, expected: dict[str, tuple[int, ...]],
             raise TaskfedError(f"{where}: tensor '{key}' holds NaN or infinite values.")
 
 
-def part_shapes(shapes: dict[str, tuple[int, ...]], parts) -> dict[str, tuple[int, ...]]:
-    """The shapes of the keys of these factors ("A", "B") only."""
-    return {k: v for k, v in shapes.items() if k.rsplit("_", 1)[-1] in tuple(parts)}
-
-
 def check_upload(weights: AdapterWeights, extra: dict[str, AdapterWeights], shapes: dict[str, tuple[int, ...]],
                  job, where: str) -> None:
     """An upload as the server expects it: the factors the job sends, and each extra array adapter-shaped."""
-    check_weights(weights, part_shapes(shapes, job.sends), where)
+    check_weights(weights, only(shapes, job.sends), where)
     for name, value in sorted(extra.items()):
         check_weights(value, shapes, f"{where} ('{name}')")
 
