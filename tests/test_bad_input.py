@@ -97,6 +97,23 @@ def test_method_params_strict_and_finite_both_ways(table):
             check(table, "c.toml")
 
 
+def test_a_cluster_round_past_the_last_round_is_refused_and_smoke_brings_it_within(tmp_path, monkeypatch):
+    """clustered FL's cluster_round >= train.rounds would never cluster (the run would be FedAvg): refused
+    in the config, before torch; --smoke (2 rounds) runs the last round as cluster_round and says so."""
+    from taskfed.config import smoke
+
+    with pytest.raises(TaskfedError, match=r"--set method.cluster_round=10: bad value for 'method.cluster_round': "
+                                           r"round 10 \(from 0\) is past the last round of train.rounds = 10"):
+        load_config(None, ["method.name=clustered", "method.cluster_round=10"])
+    cfg = load_config(None, ["method.name=clustered", "method.cluster_round=9"])
+    assert cfg.method["cluster_round"] == 9 and smoke(cfg).method["cluster_round"] == 1
+    _never_run(monkeypatch)
+    result = _cli("run", ROOT / "configs" / "clustered.toml", "--out", tmp_path / "o", "--smoke", "--set",
+                  "method.cluster_round=5")
+    assert "note: --smoke runs method.cluster_round = 1, within its 2 rounds" in result.output
+    assert "training started" in result.output  # the run went on (to the stand-in) after the note
+
+
 def test_method_models_read_from_source_equal_the_imported_ones():
     from taskfed.methods import METHODS
     from taskfed.paramspec import param_models
@@ -188,9 +205,11 @@ def test_sigterm_during_a_run_keeps_the_last_checkpoint_and_says_how_to_resume(t
         proc.kill()
     assert proc.returncode == 143, err
     assert "error: interrupted (SIGTERM)" in err and "Traceback" not in err and "--resume" in err
+    # The last lines agree: the checkpoint is kept and how to resume, never "the run folder was removed".
+    assert "checkpoint is kept in" in err and "removed" not in err
     assert not out.exists() and not list(out.parent.glob(".r.tmp-*"))
     # What is left is complete checkpoints only (a half-written one never survives as one).
-    kept = sorted(p.name for p in partial.iterdir())
+    kept = sorted(p.name for p in partial.iterdir() if p.name != ".lock")  # the lock file: free now, reused
     assert kept and all(name.startswith("ckpt-") for name in kept) and len(kept) <= 2, kept
     for name in kept:
         assert (partial / name / "manifest.json").exists()
@@ -298,6 +317,28 @@ def test_suite_method_labels_are_folder_names(tmp_path, label):
         cells(load_suite(_suite(tmp_path, f'{{ name = "fedavg", label = "{label}" }}')), "s")
 
 
+def test_an_interrupted_bench_prints_its_own_resume_command(tmp_path, monkeypatch):
+    """A bench resumes by rerunning the same command (no --resume): Ctrl-C in its second cell says so, with
+    the count of finished cells, and the cell's own line says "rerun the same command", not "with --resume"."""
+    import taskfed.run
+
+    real, calls = taskfed.run.run_experiment, []
+
+    def second_interrupted(cfg, folder, **kw):
+        calls.append(folder)
+        if len(calls) == 2:
+            kw["log"]("stopped; the last checkpoint is kept in X: rerun the same command to continue from it")
+            raise KeyboardInterrupt
+        return real(cfg, folder, **kw)
+
+    monkeypatch.setattr(taskfed.run, "run_experiment", second_interrupted)
+    monkeypatch.setattr(sys, "argv", ["taskfed", "bench", str(tmp_path / "suite.toml"), "--out", str(tmp_path / "b"), "--smoke"])
+    result = _cli("bench", _suite(tmp_path), "--out", tmp_path / "b", "--smoke")
+    assert result.exit_code == 130 and "error: interrupted (Ctrl-C)." in result.output
+    line = next(l for l in result.output.splitlines() if "bench stopped" in l)
+    assert "1 of 2 cells finished" in line and f"rerun `taskfed bench {tmp_path / 'suite.toml'} --out {tmp_path / 'b'} --smoke`" in line
+
+
 def test_bench_refuses_a_folder_of_other_files_and_stamps_only_a_valid_suite(tmp_path):
     from taskfed.bench.suite import run_bench
 
@@ -331,6 +372,28 @@ def test_report_on_hand_edited_metrics_names_file_and_key(tmp_path, edit, key):
     assert f"{path}: bad value for '" in line and key in line
 
 
+def test_report_refuses_what_is_in_its_way_and_metrics_without_per_client(tmp_path):
+    """report.md that is a folder, figures that is a file: one line naming it, nothing else touched; a mode
+    without `per_client` (the per-task tables read it) is refused like any other wrong edit."""
+    from tests.test_bench import _fake_metrics
+
+    path = tmp_path / "dual" / "fedavg" / "seed-0" / "metrics.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(_fake_metrics("fedavg", "dual", 0, 0.5, {"a": 0.5})))
+    (tmp_path / "report.md").mkdir()
+    assert "report.md: is in the way of the report" in _one_error(_cli("report", tmp_path))
+    (tmp_path / "report.md").rmdir()
+    (tmp_path / "figures").write_text("mine")
+    assert "figures: is in the way of the report" in _one_error(_cli("report", tmp_path))
+    assert (tmp_path / "figures").read_text() == "mine" and not (tmp_path / "report.md").exists()
+    (tmp_path / "figures").unlink()
+    metrics = json.loads(path.read_text())
+    del metrics["eval"]["local"]["per_client"]
+    path.write_text(json.dumps(metrics))
+    line = _one_error(_cli("report", tmp_path))
+    assert f"{path}: bad value for 'eval.local.per_client'" in line, line
+
+
 @pytest.mark.parametrize("index", ['[1, 2]', '{"x": 3}', '{"x": {"kind": "adapter", "file": "../outside.safetensors"}}',
                                    '{"x": {"kind": "strings", "value": 5}}'])
 def test_a_corrupt_client_store_index_never_reads_outside(tmp_path, index):
@@ -359,6 +422,35 @@ def test_out_that_cannot_be_a_run_folder_is_refused_before_training(tmp_path, mo
         assert message in _one_error(_cli("run", cfg, "--out", out)), out
     monkeypatch.chdir(tmp_path / "empty")
     assert "names the current" in _one_error(_cli("run", cfg, "--out", tmp_path / "empty"))
+
+
+def test_out_names_and_places_that_fail_later_are_refused_before_loading(tmp_path, monkeypatch):
+    """A name whose `.partial` sibling is too long, a place where folders cannot be created, a file where the
+    checkpoints go: refused before the model loads (training never starts), nothing left behind."""
+    _never_run(monkeypatch)
+    cfg = ROOT / "configs" / "fedavg.toml"
+    longest = tmp_path / ("r" * 250)  # fits itself; NAME.partial and .NAME.tmp-XXXXXXXX do not
+    assert "the name is too long" in _one_error(_cli("run", cfg, "--out", longest))
+    assert "cannot create folders in /proc" in _one_error(_cli("run", cfg, "--out", "/proc/x"))
+    assert "cannot create folders in /proc" in _one_error(_cli("run", cfg, "--out", "/proc/x/deep/run"))
+    (tmp_path / "run.partial").write_text("mine")
+    for extra in ([], ["--resume"]):
+        line = _one_error(_cli("run", cfg, "--out", tmp_path / "run", *extra))
+        assert "run.partial: exists and is not a folder" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.partial"]
+    assert (tmp_path / "run.partial").read_text() == "mine"
+
+
+def test_a_diverged_training_is_reported_as_divergence_not_as_missing_clients(tmp_path):
+    """Every upload NaN (FedProx with mu = 1e308): the run says training diverged, on which clients, in which
+    round, with the loss and what to change; it keeps the checkpoint and does not suggest --resume."""
+    out = tmp_path / "run"
+    result = _cli("run", ROOT / "configs" / "fedprox.toml", "--out", out, "--smoke", "--set", "method.mu=1e308")
+    line = _one_error(result)
+    assert line.startswith("error: round 1: training diverged on clients 0, 1") and "training loss nan" in line
+    assert "train.lr_max" in line and "bring the clients back" not in result.output
+    assert "--resume to continue" not in result.output
+    assert [p.name for p in (tmp_path / "run.partial").iterdir() if p.name.startswith("ckpt-")] == ["ckpt-00000"]
 
 
 def test_parents_created_for_a_failed_run_are_removed(tmp_path):
@@ -490,3 +582,67 @@ def test_fuzz_a_few_real_subprocess_runs(tmp_path):
         _check(proc.returncode, proc.stderr + proc.stdout, time.monotonic() - tic - 20, tmp_path)  # minus imports
         if i == 0:
             assert proc.returncode == 0, proc.stderr
+
+
+SUITE = {"version": 1, "name": "fuzz", "seeds": [0, 1], "reference": True,
+         "base": {"model": {"name": "tiny"}, "train": {"rounds": 2}, "eval": {"modes": ["local", "global"]}},
+         "scenario": [{"label": "dual", "config": {"scenario": {"name": "dual"}},
+                       "methods": [{"name": "fedrouter"}, {"name": "clustered", "cluster_round": 1, "label": "cfl", "sweep": False}],
+                       "epsilon_sweep": {"mechanism": "centroids", "epsilons": [1.0, 8.0], "clip": 1.0}},
+                      {"label": "iid", "methods": [{"name": "fedprox", "mu": 0.01}]}]}
+
+
+def _suite_case(rng: random.Random) -> bytes:
+    """One mutation of a valid suite: a value anywhere in its tree, a key dropped or added, deep nesting."""
+    suite = json.loads(json.dumps(SUITE))
+    node, places = suite, []
+    while isinstance(node, (dict, list)) and node and (not places or rng.random() < 0.7):
+        key = rng.choice(list(node)) if isinstance(node, dict) else rng.randrange(len(node))
+        places.append((node, key))
+        node = node[key]
+    parent, key = places[-1]
+    kind = rng.choice(["value", "value", "value", "drop", "extra", "nesting"])
+    if kind == "value":
+        parent[key] = rng.choice(BAD_VALUES + [[0, 0], ["1"], [1.0], "runs.json", "report.md", "cuda"])
+    elif kind == "drop" and isinstance(parent, dict):
+        del parent[key]
+    elif kind == "extra" and isinstance(parent, dict):
+        parent[rng.choice(["extra", f"{key}_", "seed", "method"])] = rng.choice(BAD_VALUES)
+    else:
+        value: object = 1
+        for _ in range(rng.choice([5, 2000])):
+            value = [value]
+        parent[key] = value
+    try:
+        return tomli_w.dumps(suite).encode()
+    except (TypeError, ValueError, RecursionError):
+        return b"version = 1\nname = 'x'\nseeds = " + b"[" * 3000 + b"]" * 3000 + b"\n"
+
+
+def test_fuzz_suite_files(tmp_path, monkeypatch):
+    """Mutated suites through `taskfed bench --smoke`: each is one `error:` line naming the suite file (or its
+    --device), exit 2, the bench folder never stamped; a suite that validates reaches the model loading (a
+    stand-in here) with its folder stamped. Never a traceback."""
+    import taskfed.runtime
+
+    class Valid(TaskfedError):
+        pass
+
+    def loaded(cfg):
+        raise Valid("VALID")
+
+    monkeypatch.setattr(taskfed.runtime, "Runtime", loaded)
+    rng, valid, path = random.Random(30), 0, tmp_path / "suite.toml"
+    for i in range(120):
+        path.write_bytes(_suite_case(rng))
+        out = tmp_path / "benches" / f"b{i}"
+        result = runner.invoke(app, ["bench", str(path), "--out", str(out), "--smoke"])
+        assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output, (path.read_text(), result.output)
+        line = _one_error(result)
+        if line == "error: VALID":
+            valid += 1
+            assert (out / "suite.json").exists()
+        else:
+            assert str(path) in line, (path.read_text(), line)
+            assert not out.exists(), line
+    assert 10 <= valid <= 100, valid  # both outcomes exercised

@@ -220,6 +220,39 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_good_one(tmp_path, refer
     assert_same_run(reference("fedavg"), out)
 
 
+def _full_disk_at(monkeypatch, name: str, nth: int = 1) -> None:
+    """safetensors' own error for a full disk ("... (os error 28)", as a full tmpfs gives it) at the nth
+    write of a file called `name`."""
+    from safetensors import SafetensorError
+
+    import taskfed.state
+
+    real, seen = taskfed.state.save_file, []
+
+    def save_file(tensors, path):
+        seen.append(Path(path).name == name)
+        if seen.count(True) == nth and seen[-1]:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        real(tensors, path)
+
+    monkeypatch.setattr(taskfed.state, "save_file", save_file)
+
+
+@pytest.mark.parametrize("name, nth", [("server.safetensors", 3), ("adapter_model.safetensors", 1)])
+def test_a_full_disk_inside_a_safetensors_write_is_one_line_and_resumes(tmp_path, reference, monkeypatch, name, nth):
+    """In a checkpoint's tensors or in the final run folder's adapters: one line naming the file, the last good
+    checkpoint kept, nothing half-written, and the resumed run is the uninterrupted one."""
+    _full_disk_at(monkeypatch, name, nth)
+    out = tmp_path / "run"
+    line = one_error(cli("run", config("fedavg"), "--out", out, "--smoke"))
+    assert "No space left on device" in line and name in line and "--resume" in line, line
+    assert Checkpoints(out, {}).steps() and not out.exists()
+    assert not list(tmp_path.rglob(".*tmp-*")) and not list(tmp_path.rglob(".adapter*"))
+    monkeypatch.undo()
+    assert resume(out).exit_code == 0
+    assert_same_run(reference("fedavg"), out)
+
+
 def test_resume_of_a_complete_run_is_refused_and_without_checkpoints_starts(tmp_path, reference):
     done = reference("fedavg")
     assert "a complete run" in one_error(resume(done))
@@ -227,6 +260,79 @@ def test_resume_of_a_complete_run_is_refused_and_without_checkpoints_starts(tmp_
     result = resume(fresh)
     assert result.exit_code == 0 and "starting from the beginning" in result.output
     assert_same_run(done, fresh)
+
+
+def test_leftovers_of_the_final_write_window_heal_on_the_next_run(tmp_path, reference):
+    """A kill before the final rename leaves `.run.tmp-*`: the resumed run completes without it. A kill between
+    the rename and the checkpoints' removal leaves `run.partial` beside a complete run: the next command
+    removes it and says the run is complete."""
+    out = tmp_path / "run"
+    killed_at("fedavg", out, "final.before_rename")
+    assert list(tmp_path.glob(".run.tmp-*")) and not out.exists()
+    result = resume(out)
+    assert result.exit_code == 0 and "temporary run folder of a run killed" in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert_same_run(reference("fedavg"), out)
+
+    out = tmp_path / "again"
+    killed_at("fedavg", out, "final.after_rename")
+    assert (out / "metrics.json").exists() and Checkpoints(out, {}).exists()
+    assert "a complete run: nothing to resume" in one_error(resume(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "run"]
+    assert_same_run(reference("fedavg"), out)
+
+
+def test_a_second_process_on_the_same_run_is_refused_at_start(tmp_path):
+    """While one `taskfed run` holds OUT.partial, a second run or `--resume` into the same --out is refused
+    before its model loads, naming the first's pid; the first is untouched and, once gone, the run resumes."""
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "taskfed.cli", "run", str(config("fedavg")), "--out", str(out), "--smoke"]
+    first = subprocess.Popen(args, env=dict(ENV, TASKFED_FAULT="round-1.aggregate:hang"), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not Checkpoints(out, {}).steps():  # setup checkpointed: the first holds the run
+            assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
+            time.sleep(0.2)
+        for extra in ([], ["--resume"]):
+            line = one_error(cli("run", config("fedavg"), "--out", out, "--smoke", *extra))
+            assert f"another taskfed process (pid {first.pid}) is running this run" in line
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
+    result = resume(out)
+    assert result.exit_code == 0 and "resumed from" in result.output, result.output
+
+
+def test_resume_refuses_edited_data_and_another_base_model(tmp_path, monkeypatch):
+    """The checkpoint records each client's data digest and the base model's fingerprint: a training or test
+    file edited between the stop and `--resume`, or another model, is refused (naming the client), where it
+    used to resume to a result matching neither run. Test rows of a task nobody trains on get a note."""
+    train, test = conftest.write_two_task_data(tmp_path / "data", n_train=8, n_test=2)
+    with test.open("a") as f:
+        f.write("\n" + json.dumps({"instruction": "x", "output": "y", "task": "nobody"}))
+    args = ["--smoke", "--set", "data.source=json", "--set", f"data.train_path={train}", "--set", f"data.test_path={test}"]
+    out = tmp_path / "run"
+    monkeypatch.setenv("TASKFED_FAULT", "eval.local:raise")
+    faults.reset()
+    result = cli("run", config("fedavg"), "--out", out, *args)
+    assert result.exit_code == 1 and "test rows of tasks no client trains on are not evaluated: 'nobody' (1)" in result.output
+    monkeypatch.delenv("TASKFED_FAULT")
+    rows = json.loads(train.read_text())
+    rows[0]["output"] += "!"
+    train.write_text(json.dumps(rows))
+    line = one_error(cli("run", config("fedavg"), "--out", out, "--resume", *args))
+    assert "the training or test rows of client 0 changed since the run was interrupted" in line, line
+    rows[0]["output"] = rows[0]["output"][:-1]
+    train.write_text(json.dumps(rows))
+    import taskfed.runtime
+
+    monkeypatch.setattr(taskfed.runtime, "fingerprint", lambda model, tokenizer: "another")
+    assert "the base model of client 0 changed" in one_error(cli("run", config("fedavg"), "--out", out, "--resume", *args))
+    monkeypatch.undo()
+    result = cli("run", config("fedavg"), "--out", out, "--resume", *args)
+    assert result.exit_code == 0 and "resumed from" in result.output, result.output
 
 
 # ----------------------------------------------------------------------------- the state codec

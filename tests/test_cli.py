@@ -133,3 +133,12 @@ def test_demo_runs_its_methods_on_one_model_and_prints_the_table(tmp_path, monke
     for name in ("local", "fedavg", "fedrouter"):
         assert f"| {name} |" in table and (tmp_path / "demo" / name / "metrics.json").exists()
     assert table.strip() in result.output
+    # What the demo says: from its first line where the runs go; the bars under each method's name; where
+    # the runs are and how to serve them; its help counts the folders it writes.
+    first = next(line for line in result.output.splitlines() if line.strip())
+    assert "demo: local, fedavg, fedrouter on tiny" in first and f"run folders in {tmp_path / 'demo'}/" in first
+    assert "demo 3/3: fedrouter: started" in result.output or "demo 3/3: fedrouter" in result.output
+    assert f"taskfed serve {tmp_path / 'demo' / 'fedrouter'}" in result.output
+    assert "three run folders" in _run("demo", "--help").output
+    served = _run("serve", tmp_path / "demo", "--port", "0")  # the demo's folder, not one run: which to serve
+    assert served.exit_code == 2 and "holds run folders (fedavg, fedrouter, local), not one run" in served.output

@@ -238,7 +238,7 @@ def test_simulation_equals_in_process(simulated, method, tmp_path):
     for name, weights in ex.method.server_adapters().items():
         got = saved(root / method, name)
         assert all(torch.equal(got[k], weights[k]) for k in weights), f"{method} {name} differs from in-process"
-    files = ["adapters", "config.toml", "metrics.json", "report.md", "router.json", "router.safetensors", "scores.csv"]
+    files = ["adapters", "config.toml", "manifest.json", "metrics.json", "report.md", "router.json", "router.safetensors", "scores.csv"]
     if not ex.method.server_adapters():  # FedSA-LoRA: every adapter is client-owned, and stays on its node
         files.remove("adapters")
     assert sorted(p.name for p in (root / method).iterdir()) == files
@@ -298,7 +298,7 @@ def test_flower_simulate_cli_writes_the_run_folder_taskfed_run_writes(tmp_path, 
                           capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1],
                           env={**__import__("os").environ, "TASKFED_CACHE": str(tmp_path / "cache")})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert sorted(p.name for p in out.iterdir()) == ["adapters", "config.toml", "metrics.json", "report.md",
+    assert sorted(p.name for p in out.iterdir()) == ["adapters", "config.toml", "manifest.json", "metrics.json", "report.md",
                                                      "router.json", "router.safetensors", "scores.csv"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["engine"] == "flower" and set(metrics["eval"]) == {"local", "global"}
@@ -329,3 +329,36 @@ def test_a_nodes_per_row_scores_are_checked_against_its_per_task_figures():
     short["rows"] = encode_arrays({m: v[:2] for m, v in rows.items()})
     with pytest.raises(TaskfedError, match="per-row scores are missing, of the wrong length"):
         decode_eval_reply(short, "1", ["qa", "nli"], "test")
+
+
+def test_simulated_clients_get_the_cpus_and_gpus_asked_for(monkeypatch, tmp_path):
+    """`--client-cpus` / `--client-gpus` reach Ray's backend config (what each virtual node's actor holds);
+    with model.device cuda the GPUs are shared evenly by default; impossible shares are one line, before Ray."""
+    import flwr.simulation
+    from typer.testing import CliRunner
+
+    from taskfed.cli import app
+    from taskfed.flower.simulation import backend_config
+    from tests.conftest import ROOT
+
+    cpu, cuda = tiny_config("scenario.n_clients=8"), tiny_config("scenario.n_clients=8", "model.device=cuda")
+    assert backend_config(cpu, workers=2, n_gpus=0)["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+    assert backend_config(cuda, workers=8, n_gpus=2)["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.25}
+    two = backend_config(cuda, workers=2, client_cpus=4, client_gpus=0.5, n_gpus=1)
+    assert two["client_resources"] == {"num_cpus": 4, "num_gpus": 0.5} and two["init_args"]["num_cpus"] == 8
+    for cfg, kw, message in [(cuda, {"client_gpus": 2.0}, "between 0 and this machine's 1 GPU"),
+                             (cpu, {"client_gpus": 0.5}, 'set model.device = "cuda"'),
+                             (cuda, {"client_gpus": 0.0}, "the simulated clients get no GPU"),
+                             (cpu, {"client_cpus": 0.0}, "positive number of CPUs")]:
+        with pytest.raises(TaskfedError, match=message):
+            backend_config(cfg, workers=2, n_gpus=1, **kw)
+    seen = {}
+
+    def fake(**kw):
+        seen.update(kw["backend_config"])
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", fake)
+    result = CliRunner().invoke(app, ["flower", "simulate", str(ROOT / "configs" / "fedavg.toml"), "--out",
+                                      str(tmp_path / "o"), "--smoke", "--client-cpus", "2", "--workers", "3"])
+    assert "ServerApp ended without finishing" in result.output  # the fake ran nothing
+    assert seen["client_resources"] == {"num_cpus": 2.0, "num_gpus": 0.0} and seen["init_args"]["num_cpus"] == 6

@@ -78,3 +78,27 @@ def test_nested_tasks_count_for_the_innermost_and_silence_is_the_default():
         progress.advance()
     log = out.getvalue()
     assert "inner: 2/4 steps (50%)" in log and "outer: 1/2 rounds (50%)" in log and "unseen" not in log
+
+
+def test_terminal_bars_end_their_clock_and_show_the_unit_counted():
+    """On a terminal (rich): a finished phase's bar is complete and its clock stopped, a phase without a total
+    included (they ticked on for an hour beside later phases); the unit shown is the one counted after
+    `set_total` changed it ("eval local 128/128 clients" counted rows)."""
+    import io
+
+    from rich.console import Console
+
+    reporter = progress.RichReporter(Console(file=io.StringIO(), force_terminal=True, width=120))
+    with progress.use(reporter):
+        with progress.task("converting the model (once)"):
+            with progress.task("eval local", total=4, unit="clients"):
+                progress.set_total(10, "rows")
+                progress.advance(4)
+                shown = reporter.progress.tasks[1]
+                assert shown.fields["unit"] == "rows" and shown.total == 10 and not shown.finished
+            converting, evaluating = reporter.progress.tasks
+            assert evaluating.finished and evaluating.stop_time is not None
+            assert not converting.finished  # still running
+        assert converting.finished and converting.stop_time is not None  # no total, and still it ends
+        frozen = converting.elapsed
+    assert converting.elapsed == frozen

@@ -338,11 +338,11 @@ BAD = [  # (body or raw bytes, status, param)
     (b"[1, 2]", 400, None),
     ({"model": 3, "prompt": "x"}, 400, "model"),
     ({"model": "auto"}, 400, "prompt"),
-    ({"model": "nope", "prompt": "x"}, 400, "model"),
+    ({"model": "nope", "prompt": "x"}, 404, "model"),
     ({"model": "auto", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ({"model": "auto", "prompt": "x", "max_tokens": 10**6}, 400, "max_tokens"),
     ({"model": "auto", "prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
-    ({"model": "auto", "prompt": "x", "n": 2}, 400, "n"),
+    ({"model": "auto", "prompt": "x", "n": 0}, 400, "n"),
     ({"model": "auto", "prompt": "x", "temperature": 2.5}, 400, "temperature"),
     ({"model": "auto", "prompt": "x", "temperature": 1, "top_p": 0}, 400, "top_p"),
     ({"model": "auto", "prompt": "x", "taskfed": {"mix": {"cluster/0": -1}}}, 400, "taskfed.mix.cluster/0"),
@@ -449,3 +449,315 @@ def test_page_is_served_and_names_the_routing_decision(fedrouter):
 
     dom = check_page(chromium, fedrouter.url, "Is this review positive? great acting", None)
     assert 'id="chosen"' in dom and "adapter: cluster/" in dom and 'id="distances"' in dom and 'id="answer"' in dom
+
+
+def openai_error(r: httpx.Response) -> dict:
+    """The OpenAI error object of a 4xx/5xx answer (asserting its shape)."""
+    assert r.headers["content-type"].startswith("application/json"), (r.status_code, r.text[:200])
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str) and err["message"], err
+    return err
+
+
+def post_raw(url: str, path: str, raw: bytes) -> httpx.Response:
+    return httpx.post(f"{url}{path}", content=raw, headers={"Content-Type": "application/json"}, timeout=60)
+
+
+BODIES_THAT_REACHED_500 = [  # (endpoint, raw body, param): each was a 500 (or a batcher failure) before
+    ("/v1/completions", b'{"model": "auto", "prompt": "a\\ud800b"}', "prompt"),
+    ("/v1/chat/completions", b'{"model": "auto", "messages": [{"role": "user", "content": "x\\udfffy"}]}',
+     "messages.0.content"),
+    ("/v1/completions", b'{"model": "auto", "prompt": "x", "taskfed": ' + b"[" * 5000 + b"]" * 5000 + b"}", "taskfed"),
+    ("/v1/completions", b'{"model": "auto", "prompt": "x", "stop": ' + b"[" * 200 + b"]" * 200 + b"}", "stop"),
+    ("/v1/completions", b'{"model": "auto", "prompt": ""}', "prompt"),
+    ("/v1/chat/completions", b'{"model": "auto", "messages": [{"role": "system", "content": "Be brief."}, '
+                             b'{"role": "user", "content": ""}]}', "messages"),
+    ("/v1/completions", b'{"model": "auto", "prompt": "x", "temperature": 1' + b"0" * 400 + b"}", "temperature"),
+    ("/v1/completions", b'{"model": "auto", "prompt": "x", "taskfed": {"mix": {"cluster/0": 1' + b"0" * 400 + b"}}}",
+     "taskfed.mix.cluster/0"),
+    ("/v1/completions", b'{"model": "auto", "prompt": "x", "seed": 1' + b"0" * 5000 + b"}", None),
+]
+
+
+def test_bodies_that_reached_a_500_are_400s_naming_the_field(fedrouter):
+    good = {"model": "auto", "prompt": "A good request", "max_tokens": 4}
+    want = complete(fedrouter.url, good).json()["choices"][0]["text"]
+    for path, raw, param in BODIES_THAT_REACHED_500:
+        r = post_raw(fedrouter.url, path, raw)
+        assert r.status_code == 400, (raw[:80], r.text[:200])
+        assert openai_error(r)["param"] == param, (raw[:80], r.text[:200])
+    assert complete(fedrouter.url, good).json()["choices"][0]["text"] == want and fedrouter.batcher.thread.is_alive()
+
+
+def test_routing_that_fails_for_one_request_fails_it_alone(fedrouter, monkeypatch):
+    """The batcher's class fix: a request its router cannot handle gets its error; the others joining the
+    same turn are answered (they all failed with it before)."""
+    decide = ServedRun.decide
+
+    def picky(self, enc, asks, instructions):
+        if any("poison" in t for t in instructions):
+            raise RuntimeError("this router cannot embed poison")
+        return decide(self, enc, asks, instructions)
+
+    monkeypatch.setattr(ServedRun, "decide", picky)
+    bodies = [{"model": "auto", "prompt": p, "max_tokens": 3} for p in ("one", "poison", "three")]
+    with ThreadPoolExecutor(3) as pool:
+        with fedrouter.batcher.paused():  # the three join in one turn
+            futures = [pool.submit(complete, fedrouter.url, b) for b in bodies]
+            while fedrouter.batcher.waiting.qsize() < 3:
+                time.sleep(0.01)
+        got = [f.result() for f in futures]
+    assert [r.status_code for r in got] == [200, 500, 200]
+    assert "routing failed" in openai_error(got[1])["message"]
+
+
+def test_every_error_is_openai_shaped_with_its_documented_code(fedrouter):
+    r = httpx.get(f"{fedrouter.url}/v1/nope")
+    assert r.status_code == 404 and openai_error(r)["code"] == "not_found"
+    r = httpx.get(f"{fedrouter.url}/v1/completions")
+    assert r.status_code == 405 and openai_error(r)["code"] == "method_not_allowed" and r.headers["allow"] == "POST"
+
+    def chunked():  # no Content-Length: the guard cannot see the size before the body comes
+        yield b'{"model": "auto", "prompt": "'
+        for _ in range(17):
+            yield b"x" * 65_536
+        yield b'"}'
+
+    r = httpx.post(f"{fedrouter.url}/v1/completions", content=chunked(), headers={"Content-Type": "application/json"},
+                   timeout=60)
+    assert r.status_code == 413 and openai_error(r)["code"] == "body_too_large"  # as the README says (was 400)
+
+
+def test_a_request_uvicorn_cannot_parse_gets_an_openai_error_not_plain_text(fedrouter):
+    """Needs build_server to pass uvicorn.Config(http=http_protocol()): uvicorn answers these itself."""
+    import socket
+
+    host, port = fedrouter.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:  # uvicorn's parser refuses it, not the app
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 12abc\r\n\r\n{}")
+        answer = b""
+        while chunk := s.recv(65_536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower(), answer
+    assert json.loads(body)["error"]["code"] == "invalid_http_request"
+
+
+def test_shutdown_with_requests_in_flight_answers_them_without_tracebacks(runs, tiny_runtime_factory, monkeypatch):
+    import logging
+
+    tmp, cfgs = runs
+    srv = Running(tmp / "fedrouter", tiny_runtime_factory(cfgs["fedrouter"]))
+    srv.server.config.timeout_graceful_shutdown = 0.3  # read at shutdown: the requests below outlast it
+    logged, crashed = [], []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record)
+    logging.getLogger("uvicorn").addHandler(handler)
+    monkeypatch.setattr(threading, "excepthook", lambda args: crashed.append(args))
+    step = batcher_mod.Decoder.step
+    monkeypatch.setattr(batcher_mod.Decoder, "step", lambda self: (time.sleep(0.02), step(self))[1])  # >= 4 s each
+    body = {"model": "cluster/0", "prompt": "Write a long story", "max_tokens": 200}
+    got: dict = {}
+
+    def whole():
+        got["whole"] = complete(srv.url, body)
+
+    def streamed():
+        with httpx.stream("POST", f"{srv.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            got["stream"] = [line for line in r.iter_lines() if line]
+
+    try:
+        clients = [threading.Thread(target=f) for f in (whole, streamed)]
+        for c in clients:
+            c.start()
+        while srv.batcher.stats["tokens"] < 10:
+            time.sleep(0.01)
+    finally:
+        srv.close()  # the server stops with both requests decoding; then the batcher (its rows cancelled)
+        logging.getLogger("uvicorn").removeHandler(handler)
+    for c in clients:
+        c.join(timeout=30)
+    assert got["whole"].status_code == 503 and openai_error(got["whole"])["code"] == "server_shutting_down"
+    assert got["stream"][-1] == "data: [DONE]" and json.loads(got["stream"][-2][6:])["error"]["code"] == "server_shutting_down"
+    text = "\n".join(r.getMessage() + (logging.Formatter().formatException(r.exc_info) if r.exc_info else "") for r in logged)
+    for needle in ("Traceback", "CancelledError", "Exception in ASGI application", "Event loop is closed"):
+        assert needle not in text, text
+    assert not crashed, [a.exc_value for a in crashed]
+
+
+def test_openai_parameters_are_served_or_refused_by_name(fedrouter):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{fedrouter.url}/v1", api_key="unused", max_retries=0)
+    prompt = "Name the capital of France."
+    refused = [("logprobs", {"logprobs": 1}), ("best_of", {"best_of": 2}), ("suffix", {"suffix": "!"}),
+               ("presence_penalty", {"presence_penalty": 0.5}), ("frobnicate", {"extra_body": {"frobnicate": 1}})]
+    for param, kw in refused:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="cluster/1", prompt=prompt, max_tokens=4, **kw)
+        assert e.value.body["param"] == param
+    user = [{"role": "user", "content": prompt}]
+    for param, kw in [("logprobs", {"logprobs": True}), ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
+                      ("response_format", {"response_format": {"type": "json_object"}}),
+                      ("messages.0.tool_calls", {"messages": [{**user[0], "tool_calls": [{"id": "1"}]}]})]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="cluster/1", **{"messages": user, "max_tokens": 4, **kw})
+        assert e.value.body["param"] == param
+    # The do-nothing values pass, as clients send them.
+    plain = client.completions.create(model="cluster/1", prompt=prompt, max_tokens=6, logprobs=None, presence_penalty=0,
+                                      user="someone")
+    echoed = client.completions.create(model="cluster/1", prompt=prompt, max_tokens=6, echo=True)
+    assert echoed.choices[0].text == prompt + plain.choices[0].text
+    streamed = client.completions.create(model="cluster/1", prompt=prompt, max_tokens=6, echo=True, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == echoed.choices[0].text
+    # Chat content as text parts is the same instruction as the string.
+    said = client.chat.completions.create(model="cluster/1", messages=user, max_tokens=6)
+    parts = client.chat.completions.create(model="cluster/1", max_tokens=6, messages=[
+        {"role": "user", "content": [{"type": "text", "text": prompt}]}])
+    assert parts.choices[0].message.content == said.choices[0].message.content == plain.choices[0].text
+    # max_completion_tokens is chat's max tokens; without either, a chat may use the server's limit, not 16.
+    short = client.chat.completions.create(model="cluster/1", messages=user, max_completion_tokens=3)
+    assert short.usage.completion_tokens <= 3 and short.choices[0].message.content == said.choices[0].message.content[:len(short.choices[0].message.content)]
+    # Models: retrieve by name; an unknown one is the client's NotFoundError, in a request too.
+    assert client.models.retrieve("auto").id == "auto" and client.models.retrieve("cluster/2").parent == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="nope", prompt=prompt, max_tokens=4)
+    assert e.value.body["code"] == "model_not_found"
+
+
+def test_a_chat_without_max_tokens_may_take_the_servers_limit_not_16(runs, tiny_runtime_factory):
+    tmp, cfgs = runs
+    srv = Running(tmp / "fedrouter", tiny_runtime_factory(cfgs["fedrouter"]), limits=Limits(max_tokens=24))
+    try:
+        chat = {"model": "cluster/1", "messages": [{"role": "user", "content": "Write a long story"}]}
+        got = httpx.post(f"{srv.url}/v1/chat/completions", json=chat, timeout=60).json()
+        assert got["choices"][0]["finish_reason"] == "stop" or got["usage"]["completion_tokens"] == 24
+        assert got["usage"]["completion_tokens"] > 16 or got["choices"][0]["finish_reason"] == "stop"
+        over = httpx.post(f"{srv.url}/v1/chat/completions", json={**chat, "max_completion_tokens": 25}, timeout=60)
+        assert over.status_code == 400 and openai_error(over)["param"] == "max_completion_tokens"
+        assert complete(srv.url, {"model": "cluster/1", "prompt": "x"}).json()["usage"]["completion_tokens"] <= 16
+    finally:
+        srv.close()
+
+
+def test_a_list_of_prompts_and_n_are_served_as_choices_decoded_together(fedrouter):
+    prompts = ["Is this review positive? great acting", "Translate to French: the cat"]
+    body = {"model": "auto", "prompt": prompts, "n": 2, "max_tokens": 6, "temperature": 1.2, "seed": 40}
+    got = complete(fedrouter.url, body).json()
+    assert [c["index"] for c in got["choices"]] == [0, 1, 2, 3]
+    tokens = 0
+    for c in got["choices"]:  # choice k of prompt p: the single request with seed + (2p + k)
+        alone = complete(fedrouter.url, {**body, "prompt": prompts[c["index"] // 2], "n": 1, "seed": 40 + c["index"]}).json()
+        assert c["text"] == alone["choices"][0]["text"] and c["taskfed"]["adapters"] == alone["taskfed"]["adapters"]
+        tokens += alone["usage"]["completion_tokens"]
+    assert got["usage"]["completion_tokens"] == tokens
+    with httpx.stream("POST", f"{fedrouter.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+    texts = ["", "", "", ""]
+    for e in events:
+        texts[e["choices"][0]["index"]] += e["choices"][0]["text"]
+    assert texts == [c["text"] for c in got["choices"]]
+
+
+def test_the_router_embeds_the_users_messages_not_the_system_prompt(fedrouter):
+    question = "Is this review positive? great acting"
+    alone = complete(fedrouter.url, {"model": "auto", "prompt": question, "max_tokens": 2}).json()["taskfed"]
+    chat = httpx.post(f"{fedrouter.url}/v1/chat/completions", timeout=60, json={"model": "auto", "max_tokens": 2, "messages": [
+        {"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": question}]}).json()
+    assert chat["taskfed"]["distances"] == pytest.approx(alone["distances"]) and chat["taskfed"]["adapters"] == alone["adapters"]
+
+
+def fuzzed_bodies(seed: int, count: int) -> list[tuple[str, bytes]]:
+    """`count` seeded mutations of good completion and chat bodies: types swapped, fields deleted or unknown,
+    nesting thousands deep, huge and non-finite numbers, lone surrogates, lists where strings go, broken JSON.
+    Bodies stay small to answer (max_tokens at most 4 where it is a valid count)."""
+    import random
+
+    rng = random.Random(seed)
+    values = [None, True, 0, -1, 2, 7.5, 1e308, -1e308, 10**400, float("nan"), "", "x", "a\ud800b", "\udfff", [], ["x"],
+              [["x"]], [1, 2], {}, {"type": "text"}, {"a": 1}, "auto", "cluster/0", "base", "auto@9", 2**63, "@@DEEP@@",
+              "@@HUGEINT@@", [{"type": "text", "text": "hi"}], [{"type": "image_url"}], ["a\ud800"], {"\ud800": 1}]
+    fields = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n",
+              "stop", "stream", "stream_options", "taskfed", "echo", "logprobs", "tools", "response_format", "best_of",
+              "user", "frobnicate"]
+    out = []
+    for i in range(count):
+        chat = i % 2 == 1
+        body: dict = ({"model": "auto", "messages": [{"role": "system", "content": "Be brief."},
+                                                     {"role": "user", "content": f"question {i}"}], "max_tokens": 2}
+                      if chat else {"model": "auto", "prompt": f"prompt {i}", "max_tokens": 2})
+        for _ in range(rng.randint(1, 3)):
+            kind, field = rng.random(), rng.choice(fields)
+            if kind < 0.15:
+                body.pop(field, None)
+            elif kind < 0.3 and chat:  # inside a message
+                m = rng.choice(body.get("messages") or [{}]) if isinstance(body.get("messages"), list) else {}
+                if isinstance(m, dict):
+                    m[rng.choice(["role", "content", "name", "tool_calls", "extra"])] = rng.choice(values)
+            elif kind < 0.4:
+                body["taskfed"] = {"mix": {rng.choice(["cluster/0", "cluster/1", "nope"]): rng.choice(values)},
+                                   **({"raw": rng.choice(values)} if rng.random() < 0.5 else {})}
+            else:
+                body[field] = rng.choice(values)
+        for key in ("max_tokens", "max_completion_tokens"):
+            if type(body.get(key)) is int and 4 < body[key] <= 256:
+                body[key] = 4
+        if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+            body["max_tokens"] = 2  # absent, a chat's default is the server's limit (256 tokens here)
+        raw = json.dumps(body)
+        depth = rng.choice([40, 900, 5000])
+        raw = raw.replace('"@@DEEP@@"', "[" * depth + "]" * depth)
+        raw = raw.replace('"@@HUGEINT@@"', "1" + "0" * 5000)
+        data = raw.encode()
+        if rng.random() < 0.08:  # broken JSON or bytes that are not UTF-8
+            cut = rng.randrange(len(data))
+            data = data[:cut] if rng.random() < 0.5 else data[:cut] + b"\xff\xfe" + data[cut:]
+        out.append(("/v1/chat/completions" if chat else "/v1/completions", data))
+    return out
+
+
+def test_a_seeded_fuzz_of_request_bodies_gets_200_or_an_openai_shaped_4xx_never_a_500(fedrouter):
+    good = {"model": "auto", "prompt": "A good request", "max_tokens": 4}
+    want = complete(fedrouter.url, good).json()["choices"][0]["text"]
+    bodies = fuzzed_bodies(seed=30, count=150)
+
+    def send(item):
+        path, raw = item
+        return item, post_raw(fedrouter.url, path, raw)
+
+    tic, statuses = time.monotonic(), []
+    with ThreadPoolExecutor(4) as pool:
+        for (path, raw), r in pool.map(send, bodies):
+            statuses.append(r.status_code)
+            shown = (path, raw[:160], r.text[:300])
+            assert r.status_code == 200 or 400 <= r.status_code < 500, shown
+            if r.status_code != 200:
+                openai_error(r)
+            elif r.headers["content-type"].startswith("text/event-stream"):
+                assert r.text.rstrip().endswith("data: [DONE]") and '"error"' not in r.text, shown
+            else:
+                assert r.json()["choices"], shown
+    assert time.monotonic() - tic < 60
+    assert statuses.count(200) >= 5 and statuses.count(400) >= 50  # the fuzz reaches the model, and the refusals
+    assert complete(fedrouter.url, good).json()["choices"][0]["text"] == want and fedrouter.batcher.thread.is_alive()
+
+
+def test_models_say_what_each_cluster_serves_and_the_router_gives_a_distance_scale(runs, fedrouter):
+    """`/v1/models` (and the page's list) carries each cluster adapter's makeup from the run's metrics.json
+    (so `cluster/1` says which tasks it was built from); the router's centroid spacing is the scale printed
+    for --max-distance, and every routed answer's distances are on it."""
+    tmp, _ = runs
+    metrics = json.loads((tmp / "fedrouter" / "metrics.json").read_text())
+    makeup = next(m["cluster_makeup"] for m in metrics["eval"].values() if "cluster_makeup" in m)
+    cards = {c["id"]: c for c in httpx.get(f"{fedrouter.url}/v1/models").json()["data"]}
+    for g, tasks in makeup.items():
+        assert cards[f"cluster/{g}"]["taskfed"]["serves"] == {t: n for t, n in tasks.items() if n}
+    assert "taskfed" not in cards["base"] and "taskfed" not in cards["auto"]
+    one = httpx.get(f"{fedrouter.url}/v1/models/cluster/0").json()
+    assert one["taskfed"]["serves"] == cards["cluster/0"]["taskfed"]["serves"]
+    run = ServedRun(tmp / "fedrouter")
+    scale = run.distance_scale()
+    assert scale.startswith("nearest pair ") and "median pair" in scale
+    assert ServedRun(tmp / "feddpa-f").distance_scale() is None  # no centroids: no scale

@@ -7,6 +7,7 @@
         server.json/.safetensors   the method's server state (Method.state_dict)
         client.<cid>.json/.safetensors  each client's store, where the engine keeps them (in-process)
       .ckpt-00004.tmp-PID/   the one being written
+      .lock                  held by the process running the run (runfolder.OutLock)
 
 A checkpoint is written into a temporary folder, every file fsynced, then renamed into place (and the parent
 fsynced): a crash at any point leaves the last good checkpoint whole. The newest two are kept, so a
@@ -26,10 +27,11 @@ from typing import Any
 
 from taskfed import faults
 from taskfed.errors import TaskfedError
+from taskfed.runfolder import MANIFEST, holds_run, partial_of, sha256_file
 from taskfed.state import load_tree, save_tree
 
-FORMAT = 2  # 2: the driver keeps the per-row scores of the modes evaluated
-MANIFEST = "manifest.json"
+FORMAT = 3  # 2: the driver keeps the per-row scores of the modes evaluated; 3: each client's data digest and
+# base model fingerprint (a resume on edited data or another model is refused)
 KEEP = 2
 
 
@@ -37,21 +39,11 @@ class ConfigMismatch(TaskfedError):
     """A checkpoint of the same run folder started with another config: never a fall-back, it stops."""
 
 
-def partial_dir(out_dir: Path) -> Path:
-    out_dir = Path(out_dir)
-    return out_dir.with_name(f"{out_dir.name}.partial")
+partial_dir = partial_of
 
 
 def digest(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -98,7 +90,8 @@ class Checkpoints:
         self.digest = digest(config)
 
     def exists(self) -> bool:
-        return self.folder.exists()
+        """Whether an interrupted run is here (the run's lock file alone is not one)."""
+        return holds_run(self.folder)
 
     def steps(self) -> list[Path]:
         if not self.folder.is_dir():
@@ -118,7 +111,7 @@ class Checkpoints:
                 files += save_tree(value, tmp, name)
                 faults.hit("checkpoint.files")
             body = {"format": FORMAT, "step": step, "label": label, "config_digest": self.digest,
-                    "config": self.config, "files": {p.name: _sha256(p) for p in files}}
+                    "config": self.config, "files": {p.name: sha256_file(p) for p in files}}
             text = json.dumps({"body": body, "sha256": hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()},
                               indent=1, sort_keys=True)
             (tmp / MANIFEST).write_text(text)
@@ -133,7 +126,8 @@ class Checkpoints:
             shutil.rmtree(tmp, ignore_errors=True)
             last = self.steps()
             kept = f"the last good checkpoint ({last[-1].name}) is intact" if last else "no checkpoint was kept yet"
-            raise TaskfedError(f"{self.folder}: writing the checkpoint of {label} failed ({exc.strerror or exc}); "
+            what = f"{Path(exc.filename).name}: " if exc.filename else ""
+            raise TaskfedError(f"{self.folder}: writing the checkpoint of {label} failed ({what}{exc.strerror or exc}); "
                                f"{kept}: fix that and rerun with --resume.") from None
         except BaseException:  # Ctrl-C / SIGTERM mid-write: the half-written one goes, the last good stays
             shutil.rmtree(tmp, ignore_errors=True)
@@ -170,7 +164,7 @@ class Checkpoints:
             path = folder / name
             if not path.is_file():
                 raise TaskfedError(f"{path}: missing from the checkpoint.")
-            if _sha256(path) != sha:
+            if sha256_file(path) != sha:
                 raise TaskfedError(f"{path}: checksum mismatch (the file is truncated or damaged).")
         return Checkpoint(folder, int(body["step"]), str(body["label"]), body["config"])
 

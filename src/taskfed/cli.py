@@ -50,16 +50,18 @@ def run(
                                                         "(OUT.partial/), to the same result."),
 ) -> None:
     """Run one experiment and write its run folder (checkpointed after every round into OUT.partial/)."""
-    from taskfed.config import load_config, smoke as smoke_config, smoke_overridden
+    from taskfed.config import load_config, smoke as smoke_config, smoke_fitted, smoke_overridden
     from taskfed.runfolder import check_out
 
     with guarded(sigterm=True):
         cfg = load_config(config, set_ or [])
         if smoke:
-            cfg = smoke_config(cfg)
+            cfg, asked = smoke_config(cfg), cfg
             for item in smoke_overridden(set_ or []):
                 _log(f"note: --smoke replaces --set {item} (the tiny model, a minimal budget)")
-        check_out(out, resume)
+            for item in smoke_fitted(asked, cfg):
+                _log(f"note: --smoke runs {item}, within its {cfg.train.rounds} rounds")
+        check_out(out, resume, _log)
         from taskfed.run import run_experiment  # torch and the methods: only once the config is valid
 
         metrics = run_experiment(cfg, out, log=_log, resume=resume)
@@ -69,7 +71,8 @@ def run(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the two run folders."),
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the three run folders (local, fedavg, "
+                                                                 "fedrouter) and table.md."),
     config: Path = typer.Option(None, "--config", help="Demo config (default: the packaged one)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config key (repeatable)."),
     smoke: bool = typer.Option(False, "--smoke", help="Tiny model, minimal budget."),
@@ -133,8 +136,10 @@ def serve(
     max_body: int = typer.Option(1 << 20, "--max-body", min=1, help="Request body limit in bytes."),
     timeout: float = typer.Option(120.0, "--timeout", min=0.001, help="Seconds a request may take, queueing included."),
     max_distance: Optional[float] = typer.Option(None, "--max-distance", min=0.0,
-                                                 help="Abstain: an input farther than this from its nearest centroid "
-                                                      "goes to --fallback."),
+                                                 help="Abstain: an input farther than this (Euclidean, in the "
+                                                      "router's embedding space) from its nearest centroid goes to "
+                                                      "--fallback. At start, serve prints the centroids' spacing as a "
+                                                      "scale; each answer reports its distances."),
     fallback: str = typer.Option("base", "--fallback", help="What answers an abstained input: base or an adapter (global)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda[:n]; default: the run's."),
     ssl_certfile: Optional[str] = typer.Option(None, "--ssl-certfile", help="TLS certificate (PEM)."),

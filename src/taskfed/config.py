@@ -187,7 +187,7 @@ class RunConfig(_Strict):
         return str(self.method["name"])
 
 
-def _describe(err: ValidationError, source: str, sources: dict[str, str] | None = None) -> str:
+def describe_error(err: ValidationError, source: str, sources: dict[str, str] | None = None) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "config"
     source = blame(key, source, sources)
@@ -279,7 +279,18 @@ def smoke(cfg: RunConfig) -> RunConfig:
     raw["train"].update(rounds=2, steps=2, batch=4)
     raw["data"].update(max_length=min(cfg.data.max_length, 160), max_train_per_task=min(cfg.data.max_train_per_task or 40, 40))
     raw["eval"].update(max_rows_per_task=3, max_new_tokens=8)
+    # A method parameter naming a round past the smoke's last one is brought within it (smoke_fitted says so).
+    from taskfed.methods import check_params
+
+    asked = check_params(cfg.method, "--smoke").model_dump()
+    fitted = check_params(cfg.method, "--smoke", raw["train"]["rounds"], fit=True).model_dump()
+    raw["method"].update({k: v for k, v in fitted.items() if asked[k] != v})
     return RunConfig.model_validate(raw)
+
+
+def smoke_fitted(before: RunConfig, after: RunConfig) -> list[str]:
+    """The method keys `smoke` brought within its budget, as `method.KEY = VALUE`."""
+    return [f"method.{k} = {v}" for k, v in sorted(after.method.items()) if before.method.get(k) != v]
 
 
 def read_toml(path: Path, what: str) -> dict[str, Any]:
@@ -328,11 +339,11 @@ def validate_config(raw: dict[str, Any], source: str, sources: dict[str, str] | 
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
-        raise TaskfedError(_describe(exc, source, sources)) from None
+        raise TaskfedError(describe_error(exc, source, sources)) from None
     # Method-specific keys are validated by the method's own parameter model, read without importing torch.
     from taskfed.methods import check_params
 
-    check_params(cfg.method, lambda key: blame(key, source, sources))
+    check_params(cfg.method, lambda key: blame(key, source, sources), cfg.train.rounds)
     if cfg.privacy.centroids is not None or cfg.privacy.updates is not None:
         from taskfed.privacy import check as check_privacy  # the accountant: only when privacy is asked for
 

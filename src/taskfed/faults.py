@@ -8,7 +8,8 @@ something kills it).
 
 Points: setup.done, checkpoint.files, checkpoint.before_rename, checkpoint.after_rename,
 round-<r>.aggregate (after round r's first upload is folded in), eval.<mode> (that mode generated, not yet
-checkpointed), final.before_rename (the run folder written, not yet in place); on a Flower node,
+checkpointed), final.before_rename (the run folder written, not yet in place), final.after_rename (in place,
+the checkpoints not yet removed); on a Flower node,
 node.round-<r> (round r's message received, nothing trained yet). Points are named where the
 driver and the checkpoint writer call `hit`; an unset variable costs one dictionary lookup.
 """

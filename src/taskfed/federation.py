@@ -37,10 +37,14 @@ from taskfed.evaluation.evaluate import mode_metrics
 from taskfed.evaluation.rows import FILE as SCORES, rows_of, write_scores
 from taskfed.methods import build_method
 from taskfed.methods.base import Federation, Method
-from taskfed.model.peft_io import save_adapter
+from taskfed.model.peft_io import NON_FINITE, save_adapter
 from taskfed.population import sample_clients
 from taskfed.routing import write_router
-from taskfed.runfolder import check_out, discard, finish_out, plain, prepare_out
+from taskfed.runfolder import OutLock, check_out, discard, finish_out, plain, prepare_out
+
+
+class Diverged(TaskfedError):
+    """A round short of min_replies because its trainings diverged (uploads with NaN or infinite values)."""
 
 
 def tasks_for(mode: str, own: list[str], seen: list[str], unseen: list[str]) -> list[str]:
@@ -155,6 +159,9 @@ class Driver:
             record = self.round(r)
             if self.short:  # too few clients answered: the round never counts
                 got, need = self.short
+                diverged = {who: why for who, why in record.get("dropped", {}).items() if NON_FINITE in why}
+                if diverged:  # deterministic: a retry would diverge again, and resuming cannot help
+                    raise Diverged(self.diverged(r, diverged, got, need))
                 why = f"round {r + 1}: uploads of {got} clients arrived, train.min_replies needs {need}"
                 if retries < self.cfg.train.round_retries and self.ckpts is not None and self.ckpts.steps():
                     retries += 1
@@ -170,6 +177,16 @@ class Driver:
             self.checkpoint(r + 1, f"round {r + 1} of {total}")
             r += 1
         return self.rounds, self.setup_bytes
+
+    def diverged(self, r: int, diverged: dict[str, str], got: int, need: int) -> str:
+        """The sentence for a round whose trainings diverged (their uploads hold NaN or infinite values)."""
+        who = sorted({key.split("/")[0] for key in diverged})  # CLIENT or CLIENT/ADAPTER (round_record)
+        first = diverged[min(diverged)]
+        kept = f"the last checkpoint is kept in {self.ckpts.folder}; " if self.ckpts is not None and self.ckpts.steps() else ""
+        return (f"round {r + 1}: training diverged on client{'s' if len(who) > 1 else ''} {', '.join(who)}, so {got} "
+                f"uploads arrived where train.min_replies needs {need} ({first.rstrip('.')}); stopped ({kept}resuming "
+                f"the same config would diverge again): lower train.lr_max or the method's step sizes and "
+                f"strengths (method.*), then start again with another --out (or remove the checkpoints).")
 
     # ----------------------------------------------------------------- evaluation
     def evaluate(self) -> dict:
@@ -223,10 +240,11 @@ class Driver:
         """Trains, evaluates and writes the run folder `out_dir`, checkpointing into `out_dir`.partial/ on the
         way; `resume` continues from its newest good checkpoint (or starts when there is none)."""
         out_dir = Path(out_dir) if out_dir is not None else None
-        tmp = None
+        tmp, lock = None, None
         try:
             if out_dir is not None:
-                check_out(out_dir, resume)  # before any training: the run folder must be creatable at the end
+                check_out(out_dir, resume, self.log)  # before any training: the run folder must be creatable
+                lock = OutLock(out_dir).acquire()  # one process per run, until it ends
                 self.open_checkpoints(out_dir, resume)
             rounds, setup_bytes = self.train()
             metrics = self.metrics(rounds, setup_bytes, self.evaluate())
@@ -235,18 +253,24 @@ class Driver:
                 self.write(tmp, metrics)
                 faults.hit("final.before_rename")
                 finish_out(tmp, out_dir)
+                faults.hit("final.after_rename")
                 self.ckpts.remove()  # the run folder is whole: the checkpoints have done their job
             return metrics
-        except BaseException:
+        except BaseException as exc:
             discard(tmp)
             if self.ckpts is not None:
-                if self.ckpts.steps():  # possibly days of work: kept, never deleted silently
-                    self.log(f"stopped; the last checkpoint is kept in {self.ckpts.folder}: rerun the same command "
-                             f"with --resume to continue from it")
+                if isinstance(exc, Diverged):  # its sentence says what to do; --resume would diverge again
+                    pass
+                elif self.ckpts.steps():  # possibly days of work: kept, never deleted silently
+                    how = "rerun the same command" + ("" if resume else " with --resume")  # a bench resumes as it is
+                    self.log(f"stopped; the last checkpoint is kept in {self.ckpts.folder}: {how} to continue from it")
                 else:
                     self.ckpts.remove()
+                    self.log("stopped before the first checkpoint: nothing was kept")
             raise
         finally:
+            if lock is not None:
+                lock.release()
             self.engine.close()
 
     # ----------------------------------------------------------------- checkpoints
@@ -269,7 +293,7 @@ class Driver:
                   "setup_seconds": self.setup_seconds, "left_out": self.left_out, "released": self.released,
                   "rates": self.rates, "evaluation": self.evaluation, "scores": self.scores,
                   "torch_rng": torch.get_rng_state(),
-                  "clients": {c: [i.n_train, list(i.tasks)] for c, i in self.roster.clients.items()}}
+                  "clients": {c: [i.n_train, list(i.tasks), i.data, i.base] for c, i in self.roster.clients.items()}}
         parts = {"driver": driver, "server": self.method.state_dict()}
         for cid, store in (self.engine.client_state() or {}).items():  # one part per client
             parts[f"client.{cid}"] = store
@@ -283,6 +307,13 @@ class Driver:
         if missing:
             raise TaskfedError(f"{ckpt.folder}: client {missing[0]} of the interrupted run is not connected; "
                                f"resume with the same clients.")
+        for cid, (_, _, data, base) in sorted(d["clients"].items()):  # the run goes on with what it started with
+            now = self.roster.clients[cid]
+            what = "training or test rows" if now.data != data else "base model" if now.base != base else None
+            if what:
+                raise TaskfedError(f"{ckpt.folder}: the {what} of client {cid} changed since the run was interrupted "
+                                   f"(the checkpoint's digest differs); resume with the data and model it was started "
+                                   f"with, or start over with another --out.")
         self.roster.clients = {c: self.roster.clients[c] for c in sorted(d["clients"])}
         self.fed.run = d["run"]
         self.build(sorted(d["clients"]))

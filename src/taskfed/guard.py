@@ -4,6 +4,7 @@
 - Ctrl-C or SIGTERM: `error: interrupted`, exit code 130 (SIGINT) or 143 (SIGTERM). SIGTERM is turned into
   an exception in the main thread, so a run's own cleanup (`except BaseException` around its temporary
   run folder) runs exactly as on Ctrl-C;
+- a full disk (ENOSPC, EDQUOT) anywhere: `error: FILE: no space left on the device ...`, exit code 2;
 - anything else (a bug): one line with the exception's type, message and place, exit code 1. Never a
   traceback with local variables: those held clients' private training rows. `TASKFED_TRACEBACK=1` adds
   the plain traceback (no locals) for a bug report.
@@ -14,6 +15,7 @@ would crash the printer and `[hub]` would vanish.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -29,6 +31,7 @@ from rich.text import Text
 from taskfed.errors import TaskfedError
 
 console = Console(stderr=True, highlight=False)
+FULL = (errno.ENOSPC, errno.EDQUOT)  # a full disk or quota, wherever a write meets it: one clean line
 SOURCE = Path(__file__).resolve().parent  # the taskfed package: frames here are "ours"
 
 
@@ -93,19 +96,31 @@ def guarded(sigterm: bool = False) -> Iterator[None]:
         raise typer.Exit(code=2) from None
     except (typer.Exit, typer.Abort, SystemExit):
         raise
+    except OSError as exc:
+        if exc.errno not in FULL:
+            _internal(exc)
+        where = f"{exc.filename}: " if exc.filename else ""
+        say("error:", "red", f"{where}no space left on the device ({exc.strerror}); free some space and rerun the "
+                             f"command (a run continues from its last checkpoint with --resume).")
+        raise typer.Exit(code=2) from None
     except KeyboardInterrupt as exc:
         term = isinstance(exc, Terminated)
-        say("error:", "red", f"interrupted ({'SIGTERM' if term else 'Ctrl-C'}); the unfinished run folder was removed.")
+        # What was kept and how to continue is the driver's line just above (runs) or the bench's: not repeated.
+        say("error:", "red", f"interrupted ({'SIGTERM' if term else 'Ctrl-C'}).")
         raise typer.Exit(code=143 if term else 130) from None
     except Exception as exc:  # a bug: one line, never locals
-        message = " ".join(str(exc).split())
-        if len(message) > 300:
-            message = message[:300] + " ..."
-        say("error:", "red", f"internal error: {type(exc).__name__}: {message or '(no message)'} "
-                             f"(at {place(exc)}). Please report it; TASKFED_TRACEBACK=1 shows the traceback.")
-        if os.environ.get("TASKFED_TRACEBACK"):
-            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-        raise typer.Exit(code=1) from None
+        _internal(exc)
     finally:
         if installed:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _internal(exc: BaseException) -> None:
+    message = " ".join(str(exc).split())
+    if len(message) > 300:
+        message = message[:300] + " ..."
+    say("error:", "red", f"internal error: {type(exc).__name__}: {message or '(no message)'} "
+                         f"(at {place(exc)}). Please report it; TASKFED_TRACEBACK=1 shows the traceback.")
+    if os.environ.get("TASKFED_TRACEBACK"):
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    raise typer.Exit(code=1) from None

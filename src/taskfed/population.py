@@ -5,12 +5,16 @@ a node's client `03` holds the rows the in-process client `03` holds by construc
     load_records(cfg)               -> (train, test) records, the config's task filter and caps applied
     population(cfg)                 -> every client's rows, the seen and unseen tasks, the test rows per task
     answer_budgets(pop, n_tokens)   -> the answer budget (new tokens) per task
+    data_digest(pop, cid)           -> a digest of a client's rows and the test rows (checkpoints compare it)
     sample_clients(ids, k, seed, r) -> the seeded client choice of round r (the server's)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -93,6 +97,7 @@ class Population:
     unseen: list[str]  # held out of training, evaluated in mode `unseen`
     test_by_task: dict[str, list[Record]]
     answers: dict[str, list[str]]  # per task, the outputs its answer budget is taken from
+    untrained_tests: dict[str, int] = field(default_factory=dict)  # test rows of tasks no client trains on, per task
 
 
 def population(cfg: RunConfig) -> Population:
@@ -107,7 +112,22 @@ def population(cfg: RunConfig) -> Population:
     # Answer budget per task: from the task's training answers (all of them, as a task's budget is public
     # knowledge of the task), else its test answers (an unseen task of a source without training rows).
     answers = {t: [r.output for r in train if r.task == t] or [r.output for r in test_by_task[t]] for t in seen + unseen}
-    return Population(clients, seen, unseen, test_by_task, answers)
+    untrained = Counter(r.task for r in test if r.task not in test_by_task)
+    return Population(clients, seen, unseen, test_by_task, answers, dict(sorted(untrained.items())))
+
+
+def data_digest(pop: Population, cid: str) -> str:
+    """A digest of what client `cid` trains and is evaluated on (its rows, the test rows, the answer budgets'
+    outputs): a checkpoint records it, so a resume after the data files were edited is refused."""
+    h = hashlib.sha256()
+    for record in pop.clients[cid].records:
+        h.update(json.dumps(record.to_dict(), sort_keys=True).encode())
+    for task in sorted(pop.test_by_task):
+        h.update(f"\0test|{task}".encode())
+        for record in pop.test_by_task[task]:
+            h.update(json.dumps(record.to_dict(), sort_keys=True).encode())
+    h.update(json.dumps(pop.answers, sort_keys=True).encode())
+    return h.hexdigest()[:16]
 
 
 def answer_budgets(pop: Population, n_tokens: Callable[[str], int], cap: int) -> dict[str, int]:

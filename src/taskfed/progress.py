@@ -113,12 +113,16 @@ class RichReporter(Reporter):
             self.progress.start()
         self._ids[id(task)] = self.progress.add_task(task.description, total=task.total, unit=task.unit)
 
-    def update(self, task: Task) -> None:
-        self.progress.update(self._ids[id(task)], completed=task.done, total=task.total)
+    def update(self, task: Task) -> None:  # the unit too: set_total may change what is counted (rows, steps)
+        self.progress.update(self._ids[id(task)], completed=task.done, total=task.total, unit=task.unit)
 
     def end(self, task: Task) -> None:
-        self.update(task)
-        self._ids.pop(id(task))
+        """The bar complete (a task without a total too) and its clock stopped: a finished phase's elapsed
+        time must not go on ticking beside the phases that follow it."""
+        rid = self._ids.pop(id(task))
+        done = task.total if task.total else max(task.done, 1)
+        self.progress.update(rid, completed=done, total=done, unit=task.unit)
+        self.progress.stop_task(rid)
         if not self._ids:
             self.progress.stop()
 

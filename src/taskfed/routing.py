@@ -21,23 +21,88 @@ Kinds:
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from scipy.spatial.distance import cdist
 
+from taskfed.config import describe_error
+from taskfed.data.prompts import TEMPLATES
 from taskfed.errors import TaskfedError
 from taskfed.privacy import clip_rows
+from taskfed.state import save_safetensors
 
 FORMAT = 1
 JSON, ARRAYS = "router.json", "router.safetensors"
 KINDS = ("nearest", "mix", "one")
+MIX_PARAMS = ("weighting", "w_max", "w_fixed", "k", "references", "h_text")  # FedDPA's, as router_state writes them
+
+
+# router.json as `taskfed serve` reads it: every key it uses, strictly typed and bounded, so a hand-edited or
+# damaged file is refused at start naming the key, not a 500 on every routed request. Keys the server does
+# not read (seed, max_length) are left alone. Bounds that need the base model (embed_layers against its
+# depth, the centroids' width) are checked once it is loaded (serve/run.py's check_shapes).
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+Name = Annotated[str, Field(min_length=1)]
+
+
+class _Router(_Strict):
+    kind: Literal[KINDS]
+    adapters: list[Name] = Field(default_factory=list)
+    embed_layers: Annotated[int, Field(ge=1)] | None = None
+    clip: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    clients: dict[str, Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class _Lora(_Strict):
+    r: Annotated[int, Field(ge=1)]
+    alpha: Annotated[float, Field(allow_inf_nan=False)]
+    target_modules: list[Name] = Field(min_length=1)
+
+
+class _Doc(_Strict):
+    method: Name
+    run: str = ""
+    rounds: Annotated[int, Field(ge=0)] | None = None
+    base_model: Name
+    lora: _Lora
+    template: Literal[tuple(TEMPLATES)] | None = None
+    adapters: dict[str, Name]
+    clients: list[str] = Field(default_factory=list)
+    client_arrays: dict[str, dict[str, Name]] = Field(default_factory=dict)
+    router: _Router
+
+
+@functools.cache
+def _mix_doc() -> type[BaseModel]:
+    """router.json of a FedDPA run: `router.params` with FedDPA's own parameter bounds (FedDPAParams' fields)
+    and the run's seed, nothing else (a parameter the server does not know would be silently ignored)."""
+    from taskfed.methods.feddpa import FedDPAParams  # imported here: feddpa imports this module
+
+    fields = {name: (f.annotation, f) for name, f in FedDPAParams.model_fields.items() if name in MIX_PARAMS}
+    params = create_model("MixParams", __config__=ConfigDict(extra="forbid", strict=True),
+                          seed=(Annotated[int, Field(ge=0)], ...), **fields)
+    router = create_model("MixRouter", __config__=_Strict.model_config, params=(params, ...))
+    return create_model("MixDoc", __config__=_Strict.model_config, router=(router, ...))
+
+
+def _validate(path: Path, model: type[BaseModel], doc: dict[str, Any]) -> BaseModel:
+    try:
+        return model.model_validate(doc)
+    except ValidationError as exc:
+        raise TaskfedError(describe_error(exc, str(path))) from None
 
 
 @dataclass
@@ -72,7 +137,7 @@ def write_router(folder: Path, state: RouterState, meta: dict[str, Any], adapter
                       "clip": state.clip, "clients": state.clients, "params": state.params}}
     (folder / JSON).write_text(json.dumps(doc, indent=2, sort_keys=True))
     arrays = {} if state.centroids is None else {"centroids": torch.as_tensor(np.asarray(state.centroids, dtype=np.float64))}
-    save_file(arrays, str(folder / ARRAYS))
+    save_safetensors(arrays, folder / ARRAYS)
 
 
 def read_router(folder: Path) -> tuple[dict[str, Any], RouterState]:
@@ -80,38 +145,61 @@ def read_router(folder: Path) -> tuple[dict[str, Any], RouterState]:
     gives one sentence naming it and the key."""
     path = Path(folder) / JSON
     if not path.exists():
-        raise TaskfedError(f"{path}: does not exist (a run folder written by taskfed 0.x before serving; rerun it).")
+        runs = sorted(p.parent.name for p in Path(folder).glob(f"*/{JSON}"))
+        if runs:  # e.g. `taskfed serve runs/demo`: the demo's folder holds its run folders
+            raise TaskfedError(f"{folder}: holds run folders ({', '.join(runs)}), not one run: serve one of them, "
+                               f"e.g. taskfed serve {Path(folder) / runs[0]}.")
+        raise TaskfedError(f"{path}: does not exist: {folder} is not a taskfed run folder (one that `taskfed run` "
+                           f"wrote has config.toml, metrics.json, router.json and adapters/).")
     try:
         doc = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise TaskfedError(f"{path}: not valid JSON ({exc}).") from None
+    except RecursionError:
+        raise TaskfedError(f"{path}: not a router file (JSON nested too deep).") from None
+    except OSError as exc:
+        raise TaskfedError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__}).") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise TaskfedError(f"{path}: key 'format' must be {FORMAT}.")
-    for key, kind in (("adapters", dict), ("router", dict), ("method", str), ("base_model", str), ("lora", dict)):
-        if not isinstance(doc.get(key), kind):
-            raise TaskfedError(f"{path}: key '{key}' is missing or not a {kind.__name__}.")
-    r = doc["router"]
-    if r.get("kind") not in KINDS:
-        raise TaskfedError(f"{path}: key 'router.kind' must be one of {', '.join(KINDS)}.")
-    unknown = [a for a in r.get("adapters", []) if a not in doc["adapters"]]
+    r = _validate(path, _Doc, doc).router
+    _check_adapters(path, doc, r)
+    centroids = _centroids(Path(folder), r) if r.kind == "nearest" else None
+    state = RouterState(kind=r.kind, adapters=list(r.adapters), centroids=centroids, embed_layers=r.embed_layers,
+                        clip=r.clip, clients={c: list(v) for c, v in r.clients.items()}, params=dict(r.params))
+    return doc, state
+
+
+def _check_adapters(path: Path, doc: dict[str, Any], r: _Router) -> None:
+    """The router's adapters are the run's; a nearest router has one per centroid (so at least one), a mix
+    mixes the global adapter with the client's local one (and its parameters are FedDPA's)."""
+    unknown = [a for a in r.adapters if a not in doc["adapters"]]
     if unknown:
         raise TaskfedError(f"{path}: key 'router.adapters' names adapter '{unknown[0]}', which the run does not list.")
-    centroids = None
-    arrays = Path(folder) / ARRAYS
+    if r.kind == "nearest" and not r.adapters:
+        raise TaskfedError(f"{path}: key 'router.adapters' is empty; a nearest router needs an adapter per centroid.")
+    if r.kind == "mix":
+        if r.adapters != ["global"]:
+            raise TaskfedError(f"{path}: key 'router.adapters' must be ['global'] (a mix of the global adapter and "
+                               f"a client's local one).")
+        _validate(path, _mix_doc(), doc)
+        missing = [k for k in (*MIX_PARAMS, "seed") if k not in r.params]
+        if missing:
+            raise TaskfedError(f"{path}: key 'router.params.{missing[0]}' is missing.")
+
+
+def _centroids(folder: Path, r: _Router) -> np.ndarray:
+    """A nearest router's centroids (router.safetensors), one finite row per router adapter; the clients'
+    subsets index them."""
+    arrays = folder / ARRAYS
     try:
         held = load_file(str(arrays)) if arrays.exists() else {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise TaskfedError(f"{arrays}: corrupt router file ({str(exc).splitlines()[0]}).") from None
-    if r["kind"] == "nearest":
-        c = held.get("centroids")
-        if c is None or c.ndim != 2 or len(c) != len(r["adapters"]) or not torch.isfinite(c).all():
-            raise TaskfedError(f"{arrays}: 'centroids' must be a finite {len(r['adapters'])}-row matrix, one row "
-                               f"per router adapter.")
-        centroids = c.double().numpy()
-        for cid, allowed in r.get("clients", {}).items():
-            if not allowed or any(not isinstance(j, int) or not 0 <= j < len(centroids) for j in allowed):
-                raise TaskfedError(f"{path}: key 'router.clients.{cid}' must list centroid indices below {len(centroids)}.")
-    state = RouterState(kind=r["kind"], adapters=list(r.get("adapters", [])), centroids=centroids,
-                        embed_layers=r.get("embed_layers"), clip=r.get("clip"),
-                        clients={c: list(v) for c, v in r.get("clients", {}).items()}, params=dict(r.get("params", {})))
-    return doc, state
+    c = held.get("centroids")
+    if c is None or c.ndim != 2 or len(c) != len(r.adapters) or not c.is_floating_point() or not torch.isfinite(c).all():
+        raise TaskfedError(f"{arrays}: 'centroids' must be a finite {len(r.adapters)}-row matrix, one row "
+                           f"per router adapter.")
+    for cid, allowed in r.clients.items():
+        if any(j >= len(c) for j in allowed):
+            raise TaskfedError(f"{folder / JSON}: key 'router.clients.{cid}' must list centroid indices below {len(c)}.")
+    return c.double().numpy()

@@ -27,6 +27,10 @@ class Experiment(Driver):
         for task in pop.seen + pop.unseen:
             if not pop.test_by_task[task] and any(m in cfg.eval.modes for m in ("local", "global", "unseen")):
                 log(f"warning: task '{task}' has no test rows")
+        if pop.untrained_tests:  # said once: these rows are in the test file but no mode evaluates them
+            tasks = ", ".join(f"'{t}' ({n})" for t, n in pop.untrained_tests.items())
+            log(f"note: test rows of tasks no client trains on are not evaluated: {tasks}; name a task in "
+                f"data.unseen_tasks to evaluate it as an unseen task")
         self.rt = rt or Runtime(cfg)
         self.clients = pop.clients
         self.test_by_task, self.seen, self.unseen = pop.test_by_task, pop.seen, pop.unseen

@@ -6,6 +6,7 @@ template, embeddings, and the slots of the bank.
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -29,6 +30,20 @@ class Encoded:
     n_prompt: int
 
 
+def fingerprint(model, tokenizer) -> str:
+    """A cheap identity of the base model as loaded: every tensor's name, shape and dtype and a strided sample
+    of its values, and the tokenizer's vocabulary size. A checkpoint records it, so a resume on another (or
+    re-converted) model is refused instead of continuing to a result that matches neither run."""
+    h = hashlib.sha256(f"{type(model).__name__}|{len(tokenizer)}".encode())
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            flat = t.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 64)].to("cpu", torch.float64)
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class Runtime:
     def __init__(self, cfg: RunConfig, model=None, tokenizer=None):
         self.cfg = cfg
@@ -38,6 +53,7 @@ class Runtime:
                                          seed=cfg.seed)
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
+        self.fingerprint = fingerprint(model, tokenizer)  # of the frozen base, before the bank attaches
         check_fit(model, cfg)  # layer names and LoRA memory, before the bank allocates
         self.bank = AdapterBank(model, n_slots=4, r=cfg.lora.r, alpha=cfg.lora.alpha,
                                 target_modules=cfg.lora.target_modules)

@@ -15,16 +15,34 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from taskfed.errors import TaskfedError
 
 _SCALARS = (bool, int, str, type(None))
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """safetensors' save_file, with the operating system's errors as what they are: safetensors raises its
+    own SafetensorError for a full disk ("... (os error 28)"), which `except OSError` around every write
+    (checkpoints, the run folder) would miss and the user would see as an internal error."""
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as exc:
+        found = _OS_ERROR.search(str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def pack(value: Any, where: str = "state") -> tuple[Any, dict[str, torch.Tensor]]:
@@ -118,8 +136,8 @@ def save_tree(value: Any, folder: Path, stem: str) -> list[Path]:
     tree, tensors = pack(value, stem)
     folder = Path(folder)
     # safetensors refuses tensors sharing memory (a view): each is saved as its own copy.
-    save_file({k: v.clone() if v.storage_offset() or v.numel() != v.untyped_storage().nbytes() // max(v.element_size(), 1)
-               else v for k, v in tensors.items()}, str(folder / f"{stem}.safetensors"))
+    save_safetensors({k: v.clone() if v.storage_offset() or v.numel() != v.untyped_storage().nbytes() // max(v.element_size(), 1)
+               else v for k, v in tensors.items()}, folder / f"{stem}.safetensors")
     (folder / f"{stem}.json").write_text(json.dumps(tree, sort_keys=False, allow_nan=False))
     return [folder / f"{stem}.json", folder / f"{stem}.safetensors"]
 

@@ -63,7 +63,7 @@ class _Client(_Lax):
 
 class _Mode(_Lax):
     score: Score | None = None
-    per_client: dict[str, _Client] = Field(default_factory=dict)
+    per_client: dict[str, _Client]  # the report's per-task tables and figures read it: required
     seconds: Finite = 0.0
     router_accuracy: Score | None = None
     router_confusion: dict[str, list[Finite]] | None = None
@@ -534,9 +534,18 @@ def build_report(folder: Path) -> str:
 
 
 def write_report(folder: Path) -> Path:
+    """report.md (written whole, then renamed into place) and figures/, checked writable before any is built."""
+    path, tmp = folder / "report.md", folder / "report.md.tmp"
+    for what, is_kind, kind in ((path, Path.is_file, "a file"), (tmp, Path.is_file, "a file"),
+                                (folder / "figures", Path.is_dir, "a folder")):
+        if (what.exists() or what.is_symlink()) and (what.is_symlink() or not is_kind(what)):
+            raise TaskfedError(f"{what}: is in the way of the report (it must be {kind} taskfed writes, or absent); "
+                               f"move it away and rerun.")
     text = build_report(folder)
-    path = folder / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise TaskfedError(f"{path}: cannot write the report ({exc.strerror or exc}).") from None
     return path

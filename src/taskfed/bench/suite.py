@@ -269,16 +269,30 @@ def run_bench(suite_path: Path, out: Path, smoke: bool = False, device: str | No
     claim_folder(out, resolved, grid)  # only now that every cell validated
     # torch, matplotlib and the methods: only once the suite is valid
     from taskfed.bench.report import write_report
-    from taskfed.run import run_experiment
-    from taskfed.runtime import Runtime
 
     runs = json.loads((out / "runs.json").read_text()) if (out / "runs.json").exists() else []
     runs.append({"commit": git_commit(), "command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     (out / "runs.json").write_text(json.dumps(runs, indent=2))
 
-    rt, rt_key, gen_cache = None, None, {}
     todo = [c for c in grid if not (out / c.path / "metrics.json").exists()]
     log(f"bench {suite.name}: {len(grid)} cells, {len(grid) - len(todo)} finished earlier, {len(todo)} to run")
+    try:
+        _run_cells(todo, out, log)
+    except BaseException:  # Ctrl-C, a failed cell: finished cells are kept, and the bench says how to go on
+        left = sum(not (out / c.path / "metrics.json").exists() for c in grid)
+        log(f"bench stopped with {len(grid) - left} of {len(grid)} cells finished (kept in {out}); rerun "
+            f"`{command or f'taskfed bench SUITE --out {out}'}` to continue with the other {left}")
+        raise
+    write_report(out)
+    return grid
+
+
+def _run_cells(todo: list[Cell], out: Path, log: Callable[[str], None]) -> None:
+    """The unfinished cells, one loaded model per runtime key."""
+    from taskfed.run import run_experiment
+    from taskfed.runtime import Runtime
+
+    rt, rt_key, gen_cache = None, None, {}
     for n, cell in enumerate(todo, 1):
         key = runtime_key(cell.cfg)
         if key != rt_key:  # one loaded model at a time; cells are ordered so that most keys repeat
@@ -291,5 +305,3 @@ def run_bench(suite_path: Path, out: Path, smoke: bool = False, device: str | No
             folder.rmdir()
         # A cell interrupted half-way resumes from its own checkpoint (folder.partial/) instead of restarting.
         run_experiment(cell.cfg, folder, rt=rt, log=log, gen_cache=gen_cache, resume=True)
-    write_report(out)
-    return grid

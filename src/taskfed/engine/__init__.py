@@ -46,6 +46,8 @@ class ClientFiles:
 class ClientInfo:
     n_train: int
     tasks: list[str]
+    data: str = ""  # digest of the client's training and test rows (population.data_digest)
+    base: str = ""  # fingerprint of the base model it loaded (Runtime.fingerprint)
 
 
 @dataclass

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-from safetensors.torch import save_file
 
 from taskfed import progress
 from taskfed.config import RunConfig
@@ -27,10 +26,11 @@ from taskfed.memory import release_memory
 from taskfed.methods import build_method
 from taskfed.methods.base import Client, Downlink, Federation, Job, JobRun, LocalRef, Method, Result, merged, only
 from taskfed.model.peft_io import check_upload, check_weights, n_bytes, save_adapter
-from taskfed.population import Population
+from taskfed.population import Population, data_digest
 from taskfed.privacy import clip_update, updates_on
 from taskfed.runtime import Runtime
 from taskfed.packing import group_jobs
+from taskfed.state import save_safetensors
 from taskfed.training import PackStats, TrainSpec, adapter_losses, cosine_lr, layout_of, sample_order, train_pack
 
 
@@ -69,7 +69,8 @@ class InProcessEngine:
 
     # ----------------------------------------------------------------- the federation
     def connect(self) -> Roster:
-        return Roster({cid: ClientInfo(len(c.records), c.tasks) for cid, c in sorted(self.clients.items())},
+        return Roster({cid: ClientInfo(len(c.records), c.tasks, data_digest(self.pop, cid), self.rt.fingerprint)
+                       for cid, c in sorted(self.clients.items())},
                       list(self.pop.seen), list(self.pop.unseen))
 
     def init_adapter(self):
@@ -193,8 +194,8 @@ class InProcessEngine:
             # the round with its reason, and the round goes on with the others.
             try:
                 check_upload(weights, extra, shapes, job, f"upload of client {job.client}")
-            except TaskfedError as exc:
-                stats.dropped[f"{job.client}/{job.adapter}"] = str(exc)
+            except TaskfedError as exc:  # the loss says whether the training itself diverged
+                stats.dropped[f"{job.client}/{job.adapter}"] = f"{str(exc).rstrip('.')} (training loss {loss:.4g})."
                 return None
         return Result(job=job, weights=weights if job.upload else None, n_rows=n_rows,
                       n_client=len(client.records), loss=loss, chosen=chosen, extra=extra if job.upload else {})
@@ -249,6 +250,6 @@ class InProcessEngine:
             for name, tensors in self.client_side.client_arrays(client, self.rt).items():
                 rel = f"adapters/clients/{cid}/{name}.safetensors"
                 (Path(folder) / rel).parent.mkdir(parents=True, exist_ok=True)
-                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(Path(folder) / rel))
+                save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, Path(folder) / rel)
                 files.arrays[(cid, name)] = rel
         return files

@@ -15,11 +15,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from taskfed.config import RunConfig
 from taskfed.model.loading import cache_dir, load_base
 from taskfed.runtime import DTYPES
+from taskfed.state import save_safetensors
 
 
 def _folder(cfg: RunConfig) -> Path:
@@ -37,7 +38,7 @@ def _write(model, tokenizer, target: Path) -> None:
             if v.data_ptr() not in seen:
                 seen.add(v.data_ptr())
                 state[k] = v.detach().cpu().contiguous()
-        save_file(state, str(tmp / "model.safetensors"))
+        save_safetensors(state, tmp / "model.safetensors")
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         try:

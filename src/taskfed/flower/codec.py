@@ -27,7 +27,7 @@ from taskfed.errors import TaskfedError
 from taskfed.evaluation.evaluate import METRICS, ClientEval, per_task_means
 from taskfed.methods.base import ALL_ROWS, PARTS, Downlink, Federation, Job, LocalRef, Routed, only, part_of
 from taskfed.model.bank import AdapterWeights, RowMix
-from taskfed.model.peft_io import check_weights
+from taskfed.model.peft_io import NON_FINITE, check_weights
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -82,7 +82,7 @@ def decode_arrays(record: Any, where: str) -> dict[str, np.ndarray]:
         if value.dtype.kind not in "iuf":
             raise TaskfedError(f"{where}: array '{key}' has dtype {value.dtype}, expected numbers.")
         if value.dtype.kind == "f" and not np.isfinite(value).all():
-            raise TaskfedError(f"{where}: array '{key}' holds NaN or infinite values.")
+            raise TaskfedError(f"{where}: array '{key}' {NON_FINITE}.")
         out[key] = value
     return out
 

@@ -123,8 +123,10 @@ class FlowerEngine:
                 info = reply.content.config_records["hello"]
                 cid, n_train = info["client"], info["n_train"]
                 tasks, seen, unseen = info["tasks"], info["seen"], info["unseen"]
+                data, base = info["data"], info["base"]
                 if not (isinstance(cid, str) and cid and isinstance(n_train, int) and n_train >= 1
-                        and all(isinstance(x, list) and all(isinstance(t, str) for t in x) for x in (tasks, seen, unseen))):
+                        and all(isinstance(x, list) and all(isinstance(t, str) for t in x) for x in (tasks, seen, unseen))
+                        and isinstance(data, str) and isinstance(base, str)):
                     raise TaskfedError("malformed hello")
             except (KeyError, TaskfedError) as exc:
                 failed[node_id] = f"hello reply unusable ({exc})"
@@ -132,7 +134,7 @@ class FlowerEngine:
             if cid in self.node_of:
                 raise TaskfedError(f"flower: nodes {self.node_of[cid]} and {node_id} both claim to be client '{cid}'.")
             self.node_of[cid], self.n_train[cid] = node_id, n_train
-            clients[cid] = ClientInfo(n_train, list(tasks))
+            clients[cid] = ClientInfo(n_train, list(tasks), data, base)
             views.add((tuple(seen), tuple(unseen)))
         for node_id, why in failed.items():
             LOG.warning("node %s left out of the federation: %s", node_id, why)

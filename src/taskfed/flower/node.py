@@ -44,7 +44,7 @@ from taskfed.flower.codec import (decode_config, decode_eval_request, decode_fed
 from taskfed.flower.store import load_store, save_store
 from taskfed.methods.base import Client, Downlink, Federation
 from taskfed.model.loading import cache_dir
-from taskfed.population import Population, cap_per_task, client_ids, population, test_sets
+from taskfed.population import Population, cap_per_task, client_ids, data_digest, population, test_sets
 from taskfed.runtime import Runtime
 
 
@@ -188,7 +188,8 @@ def handle(kind: str, content: RecordDict, node_config: dict[str, Any], run_id: 
     me = node(cfg, node_config, run_id)
     if kind == "hello":
         info = {"client": me.client_id, "n_train": len(me.client.records), "tasks": me.client.tasks,
-                "seen": list(me.pop.seen), "unseen": list(me.pop.unseen)}
+                "seen": list(me.pop.seen), "unseen": list(me.pop.unseen),
+                "data": data_digest(me.pop, me.client_id), "base": rt.fingerprint}  # resume compares them
         return RecordDict({"hello": ConfigRecord(info)})
     engine, client = _engine(cfg, rt, me, content, kind)
     if kind == "setup":

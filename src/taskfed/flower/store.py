@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from taskfed.errors import TaskfedError
+from taskfed.state import save_safetensors
 
 INDEX = "store.json"
 
@@ -38,7 +39,7 @@ def save_store(store: dict[str, Any], folder: Path) -> None:
         for i, (key, value) in enumerate(sorted(store.items())):
             if _is_adapter(value):
                 name = f"adapter-{i}.safetensors"
-                save_file({k: v.detach().cpu().contiguous() for k, v in value.items()}, str(tmp / name))
+                save_safetensors({k: v.detach().cpu().contiguous() for k, v in value.items()}, tmp / name)
                 index[key] = {"kind": "adapter", "file": name}
             elif isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
                 arrays[f"a{i}"] = value

@@ -50,8 +50,11 @@ def _where(where: Where, key: str) -> str:
     return where(key) if callable(where) else where
 
 
-def validate_params(models: dict[str, type[BaseModel]], raw: dict[str, Any], where: Where) -> BaseModel:
-    """`raw` (a [method] table) against its method's model: strict types, finite numbers, the key named."""
+def validate_params(models: dict[str, type[BaseModel]], raw: dict[str, Any], where: Where,
+                    rounds: int | None = None, fit: bool = False) -> BaseModel:
+    """`raw` (a [method] table) against its method's model: strict types, finite numbers, the key named.
+    `rounds` (the config's train.rounds, where known) reaches a model's validators as context["rounds"]: a
+    parameter naming a round can be checked against the budget (or, with `fit`, brought within it: --smoke)."""
     name = raw.get("name")
     if not isinstance(name, str) or name not in models:
         raise TaskfedError(f"{_where(where, 'method.name')}: unknown method '{name}' "
@@ -61,7 +64,7 @@ def validate_params(models: dict[str, type[BaseModel]], raw: dict[str, Any], whe
             raise TaskfedError(f"{_where(where, f'method.{key}')}: bad value for 'method.{key}': {value} is not "
                                f"a finite number.")
     try:
-        return models[name].model_validate(raw, strict=True)
+        return models[name].model_validate(raw, strict=True, context={"rounds": rounds, "fit": fit})
     except ValidationError as exc:
         first = exc.errors()[0]
         key = "method." + ".".join(str(p) for p in first["loc"])
@@ -80,11 +83,12 @@ def method_params(raw: dict[str, Any], source: Where = "config") -> BaseModel:
     return validate_params({name: cls.Params for name, cls in METHODS.items()}, raw, source)
 
 
-def check_params(raw: dict[str, Any], source: Where = "config") -> None:
+def check_params(raw: dict[str, Any], source: Where = "config", rounds: int | None = None,
+                 fit: bool = False) -> BaseModel:
     """The same validation as `method_params`, without importing a method file."""
     from taskfed.paramspec import param_models
 
-    validate_params(param_models(), raw, source)
+    return validate_params(param_models(), raw, source, rounds, fit)
 
 
 def build_method(raw: dict[str, Any], fed) -> Method:

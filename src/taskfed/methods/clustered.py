@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from taskfed.clustering import cosine_similarity, ward_labels
 from taskfed.errors import TaskfedError
@@ -43,6 +43,17 @@ class ClusteredParams(BaseModel):
     cluster_round: int = Field(default=1, ge=0, description="the round (from 0) whose updates are clustered")
     n_clusters: int = Field(default=4, ge=1, description="groups of clients")
     layers: Literal["last", "all"] = Field(default="last", description="LoRA-B updates of the last layer or all layers")
+
+    @field_validator("cluster_round")
+    @classmethod
+    def _within_the_budget(cls, value: int, info: ValidationInfo) -> int:
+        rounds, fit = (info.context or {}).get("rounds"), (info.context or {}).get("fit")
+        if rounds is None or value < rounds:
+            return value
+        if fit:  # --smoke's minimal budget: its last round clusters, as the full run's cluster_round would
+            return rounds - 1
+        raise ValueError(f"round {value} (from 0) is past the last round of train.rounds = {rounds}, so nothing "
+                         f"would be clustered and the run would be FedAvg; give at most {rounds - 1}")
 
 
 def layer_index(key: str) -> int | None:

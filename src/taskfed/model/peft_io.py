@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from taskfed.errors import TaskfedError
 from taskfed.model.bank import AdapterWeights
 from taskfed.model.parts import only
+from taskfed.state import save_safetensors
 
 PREFIX = "base_model.model."
 
@@ -43,7 +44,7 @@ def save_adapter(weights: AdapterWeights, directory: str | Path, *, base_model: 
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
     try:
-        save_file(to_peft_state(weights), str(tmp / "adapter_model.safetensors"))
+        save_safetensors(to_peft_state(weights), tmp / "adapter_model.safetensors")
         config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
                   "target_modules": sorted(target_modules), "lora_dropout": 0.0, "bias": "none",
                   "base_model_name_or_path": base_model, "fan_in_fan_out": False, "inference_mode": True}
@@ -70,6 +71,9 @@ def load_adapter(directory: str | Path, expected_shapes: dict[str, tuple[int, ..
     return weights
 
 
+NON_FINITE = "holds NaN or infinite values"  # the reason an upload of a diverged training is refused
+
+
 def check_weights(weights: AdapterWeights, expected: dict[str, tuple[int, ...]], where: str) -> None:
     """Keys, shapes and finite values of an adapter: what every receiver checks before using one."""
     missing = sorted(set(expected) - set(weights))
@@ -85,7 +89,7 @@ def check_weights(weights: AdapterWeights, expected: dict[str, tuple[int, ...]],
         if tuple(t.shape) != tuple(shape):
             raise TaskfedError(f"{where}: tensor '{key}' has shape {tuple(t.shape)}, expected {tuple(shape)}.")
         if not torch.isfinite(t).all():
-            raise TaskfedError(f"{where}: tensor '{key}' holds NaN or infinite values.")
+            raise TaskfedError(f"{where}: tensor '{key}' {NON_FINITE}.")
 
 
 def check_upload(weights: AdapterWeights, extra: dict[str, AdapterWeights], shapes: dict[str, tuple[int, ...]],

@@ -122,7 +122,7 @@ class Batcher:
                     self._turn()
             except Exception as exc:  # a bug or an OOM must not kill the server: fail what is in flight
                 for t in self.live + self.joining:
-                    t.emit("error", f"generation failed ({type(exc).__name__}: {exc})")
+                    fail(t, f"generation failed ({type(exc).__name__}: {exc})")
                 self.live, self.joining, self.dec = [], [], Decoder(self.rt)
 
     def _turn(self) -> None:
@@ -176,9 +176,14 @@ class Batcher:
             by_run.setdefault(id(t.run), []).append(i)
         decisions: list[Decision | None] = [None] * len(new)
         for members in by_run.values():
-            run = new[members[0]].run
-            for i, d in zip(members, run.decide(self, [new[i].ask for i in members], [new[i].instruction for i in members])):
+            for i, d in zip(members, self._decide([new[i] for i in members])):
                 decisions[i] = d
+        routed = [i for i, d in enumerate(decisions) if d is not None]
+        if len(routed) < len(new):  # who failed to route has had its error; the others decode (`new` is the
+            new[:] = [new[i] for i in routed]  # caller's list: they join the live rows)
+            decisions = [decisions[i] for i in routed]
+            if not new:
+                return []
         for t, d in zip(new, decisions):
             t.emit("decision", d)
             rows.append(self._row(t.run, d))
@@ -188,9 +193,35 @@ class Batcher:
         self.stats["requests"] += len(new)
         return self.dec.admit([t.prompt for t in new], RowMix(idx, w), [t.sampling for t in new])
 
+    def _decide(self, tickets: list[Ticket]) -> list[Decision | None]:
+        """The routing decisions of tickets of one run, in one batch; if the batch fails, ticket by ticket, so
+        that one request the router cannot handle fails alone (None), not every request joining with it."""
+        run = tickets[0].run
+        try:
+            return run.decide(self, [t.ask for t in tickets], [t.instruction for t in tickets])
+        except Exception:  # noqa: BLE001 - found below, ticket by ticket
+            pass
+        out: list[Decision | None] = []
+        for t in tickets:
+            try:
+                out.append(run.decide(self, [t.ask], [t.instruction])[0])
+            except Exception as exc:
+                fail(t, f"routing failed ({type(exc).__name__}: {exc})")
+                out.append(None)
+        return out
+
     def _keep(self, rows: list[int]) -> None:
         self.dec.keep(rows)
         self.live = [self.live[i] for i in rows]
 
     def snapshot(self) -> dict[str, Any]:
         return {"queued": self.waiting.qsize(), "live": len(self.live), **self.stats, "time": time.time()}
+
+
+def fail(t: Ticket, message: str) -> None:
+    """Tells a ticket it failed; an emit that raises (its request's event loop gone) cannot take the thread down."""
+    t.cancelled.set()
+    try:
+        t.emit("error", message)
+    except Exception:  # noqa: BLE001 - nobody is left to tell
+        pass

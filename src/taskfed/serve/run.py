@@ -8,17 +8,19 @@ Names a request may give as `model`:
                     `router = "local"`: the nearest of the centroids bound to that client
     <adapter>       one adapter as the run folder names it: `cluster/2`, `global`, `local@03`
     base            the base model, no adapter
-and an explicit mix in the body, `{"cluster/0": 0.7, "cluster/1": 0.3}`, whatever `model` says.
+and an explicit mix in the body, `{"cluster/0": 0.7, "cluster/1": 0.3}`, whatever `model` says: each weight an
+adapter's share in [0, 1], applied as given (not normalised), the shares summing to at most 1.
 Every answer carries its Decision: the adapters, their weights, and for a routed input the distance to each
 centroid and whether it abstained (farther than `max_distance`: the fallback answers instead).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,9 +34,11 @@ from taskfed.errors import TaskfedError
 from taskfed.methods.feddpa import draw_references, global_local, local_weight, mean_cosine
 from taskfed.model.bank import AdapterWeights
 from taskfed.model.peft_io import check_weights, load_adapter
-from taskfed.routing import RouterState, read_router
+from taskfed.routing import ARRAYS, JSON, RouterState, read_router
+from taskfed.runfolder import check_manifest
 
 BASE, AUTO = "base", "auto"
+MIX_SLACK = 1e-6  # shares written to a few decimals (0.1 + 0.2 + 0.7) may sum to 1 + float rounding
 
 
 class BadRequest(ValueError):
@@ -72,14 +76,16 @@ class ServedRun:
     """The run folder's adapters (read and checked against the base model's shapes) and router."""
 
     def __init__(self, folder: str | Path, shapes: dict[str, tuple[int, ...]] | None = None,
-                 max_distance: float | None = None, fallback: str = BASE, hidden: int | None = None):
+                 max_distance: float | None = None, fallback: str = BASE, hidden: int | None = None,
+                 layers: int | None = None, log: Callable[[str], None] = lambda s: None):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise TaskfedError(f"{self.folder}: run folder does not exist.")
+        check_manifest(self.folder, log)  # first: a damaged file is named as damaged, not as a bad key
         self.doc, self.router = read_router(self.folder)
         self.cfg = load_config(self.folder / "config.toml")
         self.id, self.rounds, self.method = self.doc.get("run", ""), self.doc.get("rounds"), self.doc["method"]
-        self.template = self.doc.get("template", self.cfg.data.template)
+        self.template = self.doc.get("template") or self.cfg.data.template
         self.shapes = shapes
         self.adapters: dict[str, AdapterWeights] = {
             name: load_adapter(self._inside(rel, f"adapter '{name}'"), shapes) for name, rel in sorted(self.doc["adapters"].items())}
@@ -87,13 +93,36 @@ class ServedRun:
         self.references: dict[str, torch.Tensor] = {
             cid: self._references(self._inside(rel, f"client {cid}'s references"))
             for cid, rel in sorted(self.doc.get("client_arrays", {}).get("references", {}).items())}
-        self.hidden = hidden
-        self._check_references()
+        self.hidden, self.layers = hidden, layers
+        self._check_model()
+        self.serves = self._makeup()
         self.max_distance, self.fallback = max_distance, fallback
         if fallback not in (BASE, *self.adapters):
             raise TaskfedError(f"--fallback {fallback}: not an adapter of {self.folder} (use base or one of "
                                f"{', '.join(sorted(self.adapters))}).")
         self.slots: dict[str, int] = {}  # adapter name -> bank slot, once the batcher has loaded it
+
+    def _makeup(self) -> dict[str, dict[str, int]]:
+        """What each cluster adapter was built from, per task (the run's `cluster_makeup` in metrics.json,
+        FedRouter and FL-TAC): `/v1/models` and the page show it, so `cluster/3` says it serves snli. Shown
+        only: a metrics.json without it (or unreadable here) serves the same, with the names alone."""
+        try:
+            metrics = json.loads((self.folder / "metrics.json").read_text(encoding="utf-8"))
+            found = next(m["cluster_makeup"] for m in metrics["eval"].values() if isinstance(m, dict) and "cluster_makeup" in m)
+            return {f"cluster/{g}": {str(t): int(n) for t, n in sorted(tasks.items(), key=lambda x: -x[1]) if n}
+                    for g, tasks in found.items() if f"cluster/{g}" in self.adapters}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration, RecursionError):
+            return {}
+
+    def distance_scale(self) -> str | None:
+        """The router's centroids' spacing, as a scale for --max-distance (the distances a request's answer
+        reports are to these centroids, in the same space): nearest and median pair, None without a router."""
+        c = self.router.centroids if self.router.kind == "nearest" else None
+        if c is None or len(c) < 2:
+            return None
+        c = np.asarray(c, dtype=np.float64)
+        pairs = np.linalg.norm(c[:, None] - c[None], axis=-1)[np.triu_indices(len(c), 1)]
+        return f"nearest pair {pairs.min():.3g}, median pair {np.median(pairs):.3g}, farthest {pairs.max():.3g}"
 
     def _inside(self, rel: str, what: str) -> Path:
         where = (self.folder / rel).resolve()
@@ -111,19 +140,28 @@ class ServedRun:
             raise TaskfedError(f"{path}: reference states must be one finite float tensor 'h' of shape (rows, hidden).")
         return h.double()
 
-    def check_shapes(self, shapes: dict[str, tuple[int, ...]], hidden: int) -> None:
-        """Every adapter and reference state fits the loaded base model (read without it first, so a bad
-        folder fails fast)."""
+    def check_shapes(self, shapes: dict[str, tuple[int, ...]], hidden: int, layers: int | None = None) -> None:
+        """Every adapter, reference state and the router fit the loaded base model (`layers`: its decoder
+        layers); the folder is read without it first, so a bad folder fails fast."""
         for name, weights in self.adapters.items():
             check_weights(weights, shapes, str(self.folder / self.doc["adapters"][name]))
-        self.shapes, self.hidden = shapes, hidden
-        self._check_references()
+        self.shapes, self.hidden, self.layers = shapes, hidden, layers
+        self._check_model()
 
-    def _check_references(self) -> None:
+    def _check_model(self) -> None:
+        """What needs the base model's sizes (where known): the reference states' and centroids' width, the
+        router's embedding depth."""
         for cid, h in self.references.items():
             if self.hidden is not None and len(h) and h.shape[1] != self.hidden:
                 raise TaskfedError(f"{self.folder / self.doc['client_arrays']['references'][cid]}: reference states "
                                    f"of width {h.shape[1]}, but the base model's hidden size is {self.hidden}.")
+        c, depth = self.router.centroids, self.router.embed_layers
+        if c is not None and self.hidden is not None and c.shape[1] != self.hidden:
+            raise TaskfedError(f"{self.folder / ARRAYS}: centroids of width {c.shape[1]}, but the base model's "
+                               f"hidden size is {self.hidden}.")
+        if depth is not None and self.layers is not None and depth > self.layers:
+            raise TaskfedError(f"{self.folder / JSON}: key 'router.embed_layers' is {depth}, but the base model "
+                               f"{self.doc['base_model']} has {self.layers} decoder layers (1..{self.layers}).")
 
     def same_base(self, other: "ServedRun") -> bool:
         return self.doc["base_model"] == other.doc["base_model"] and self.doc["lora"] == other.doc["lora"]
@@ -176,18 +214,27 @@ class ServedRun:
         return Ask(route="mix", client=client)
 
     def _mix(self, mix: Any) -> Ask:
+        """An explicit mix: each weight is that adapter's share, applied as given (never normalised: 0.5 of one
+        adapter is half its update), in [0, 1] and summing to at most 1, the base model taking the rest, as
+        routed (1.0) and FedDPA (w_global + w_local = 1) mixes do. Larger weights would extrapolate past
+        every trained adapter, and 1e308 overflows the activations into garbage."""
         if not isinstance(mix, dict) or not mix:
             raise BadRequest("taskfed.mix must be an object of adapter names to weights.", "taskfed.mix")
         names, weights = [], []
         for name, w in mix.items():
             if name not in self.adapters:
                 raise BadRequest(f"taskfed.mix names adapter '{name}', which this run does not have.", f"taskfed.mix.{name}")
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-                raise BadRequest(f"taskfed.mix.{name}: a weight must be a finite number >= 0.", f"taskfed.mix.{name}")
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 1:  # NaN and 10**400 too
+                raise BadRequest(f"taskfed.mix.{name}: a weight must be a number in [0, 1] (the adapter's share; the "
+                                 f"shares sum to at most 1).", f"taskfed.mix.{name}")
             names.append(name)
             weights.append(float(w))
         if len(names) > 8:
             raise BadRequest("taskfed.mix: at most 8 adapters per row.", "taskfed.mix")
+        if math.fsum(weights) > 1 + MIX_SLACK:
+            raise BadRequest(f"taskfed.mix: the weights sum to {math.fsum(weights):g}, but must sum to at most 1 "
+                             f"(each is an adapter's share, applied as given, not normalised; the base model takes "
+                             f"the rest).", "taskfed.mix")
         return Ask(names=names, weights=weights)
 
     # ----------------------------------------------------------------- routing (in the batcher's thread)
