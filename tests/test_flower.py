@@ -286,7 +286,9 @@ def test_bad_nodes_are_dropped_and_the_others_aggregate(simulated):
 
 
 def test_flower_simulate_cli_writes_the_run_folder_taskfed_run_writes(tmp_path, flan_path):
-    """`taskfed flower simulate ... --smoke`: the README's command, a complete run folder with evaluation."""
+    """`taskfed flower simulate ... --smoke`: the README's command, a complete run folder with evaluation, and
+    with `[log]` on the ServerApp's driver tracks every figure as `taskfed run` does (tests/test_tracking.py)."""
+    from tests.test_tracking import assert_logged
     import subprocess
     import sys
     from pathlib import Path
@@ -294,15 +296,19 @@ def test_flower_simulate_cli_writes_the_run_folder_taskfed_run_writes(tmp_path, 
     out = tmp_path / "run"
     done = subprocess.run([str(Path(sys.executable).parent / "taskfed"), "flower", "simulate", "configs/fedavg.toml",
                            "--out", str(out), "--smoke", "--workers", "1", "--set", "scenario.n_clients=2",
-                           "--set", f"data.path={flan_path}", "--set", 'data.tasks=["snli","cola"]'],
+                           "--set", f"data.path={flan_path}", "--set", 'data.tasks=["snli","cola"]',
+                           "--set", "log.tensorboard=true", "--set", "log.mlflow=true"],
                           capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1],
                           env={**__import__("os").environ, "TASKFED_CACHE": str(tmp_path / "cache")})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert sorted(p.name for p in out.iterdir()) == ["adapters", "config.toml", "manifest.json", "metrics.json", "report.md",
-                                                     "router.json", "router.safetensors", "scores.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapters", "config.toml", "manifest.json", "metrics.json", "mlflow.db",
+                                                     "report.md", "router.json", "router.safetensors", "scores.csv",
+                                                     "tensorboard"]
+    assert assert_logged(out)["engine"] == "flower"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["engine"] == "flower" and set(metrics["eval"]) == {"local", "global"}
     assert "local " in done.stdout and "run folder" in done.stdout
+    assert "DEBUG:flwr" not in done.stdout + done.stderr  # flwr's DEBUG lines are not printed twice through the root logger
 
 
 def test_a_nodes_per_row_scores_are_checked_against_its_per_task_figures():

@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator, StrictBool
 
 from taskfed.errors import TaskfedError
 
@@ -122,6 +122,21 @@ class PrivacyConfig(_Strict):
     updates: MechanismConfig | None = None
 
 
+class LogConfig(_Strict):
+    """Experiment tracking (tracking.py), off by default: the run's figures as TensorBoard event files and/or
+    in an MLflow store, under the run folder unless `mlflow_uri` names another store or a tracking server."""
+
+    tensorboard: StrictBool = False
+    mlflow: StrictBool = False
+    mlflow_uri: str | None = None  # default: sqlite:///RUN_DIR/mlflow.db
+
+    @model_validator(mode="after")
+    def _uri_needs_mlflow(self) -> "LogConfig":
+        if self.mlflow_uri is not None and not self.mlflow:
+            raise ValueError("log.mlflow_uri is set but log.mlflow is false: set log.mlflow = true to use it")
+        return self
+
+
 class RunConfig(_Strict):
     version: int = CONFIG_VERSION
     seed: int = Field(default=0, ge=0, lt=2**63)  # numpy's seeding range
@@ -133,6 +148,7 @@ class RunConfig(_Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    log: LogConfig = LogConfig()  # tracking only: not part of what a resume compares
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

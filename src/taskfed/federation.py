@@ -41,6 +41,7 @@ from taskfed.model.peft_io import NON_FINITE, save_adapter
 from taskfed.population import sample_clients
 from taskfed.routing import write_router
 from taskfed.runfolder import OutLock, check_out, discard, finish_out, plain, prepare_out
+from taskfed.tracking import Tracker, check_tracking, tracking_on
 
 
 class Diverged(TaskfedError):
@@ -76,6 +77,7 @@ class Driver:
         self.scores: dict[str, list[dict]] = {}  # their per-row scores (scores.csv), by mode
         self.ckpts: Checkpoints | None = None
         self.short: tuple[int, int] | None = None  # the last round's (clients that uploaded, min_replies) if short
+        self.tracker: Tracker | None = None  # [log]: opened with the run folder's first checkpoint
 
     def build(self, clients: list[str]) -> None:
         """The federation's public facts and the method's server side, for these clients."""
@@ -175,6 +177,7 @@ class Driver:
             self.rounds.append(record)
             self.log(f"round {r + 1}/{total}: loss {self.rounds[-1]['train_loss']:.4f}, {self.rounds[-1]['seconds']:.1f}s")
             self.checkpoint(r + 1, f"round {r + 1} of {total}")
+            self.track()
             r += 1
         return self.rounds, self.setup_bytes
 
@@ -222,6 +225,7 @@ class Driver:
             score = out[mode]["score"]
             self.log(f"eval {mode}: score {'-' if score is None else f'{score:.4f}'}")
             self.checkpoint(total + 1 + i, f"evaluation {mode}")
+            self.track()
         return out
 
     # ----------------------------------------------------------------- the run
@@ -242,6 +246,10 @@ class Driver:
         out_dir = Path(out_dir) if out_dir is not None else None
         tmp, lock = None, None
         try:
+            if tracking_on(self.cfg.log):  # said now, not after the first round
+                if out_dir is None:
+                    raise TaskfedError("log.tensorboard / log.mlflow need a run folder (--out): the logs are kept in it.")
+                check_tracking(self.cfg.log)
             if out_dir is not None:
                 check_out(out_dir, resume, self.log)  # before any training: the run folder must be creatable
                 lock = OutLock(out_dir).acquire()  # one process per run, until it ends
@@ -249,8 +257,12 @@ class Driver:
             rounds, setup_bytes = self.train()
             metrics = self.metrics(rounds, setup_bytes, self.evaluate())
             if out_dir is not None:
+                self.track(final=True)
                 tmp = prepare_out(out_dir)
                 self.write(tmp, metrics)
+                if self.tracker is not None:
+                    self.tracker.close()
+                    self.tracker.move_into(tmp)
                 faults.hit("final.before_rename")
                 finish_out(tmp, out_dir)
                 faults.hit("final.after_rename")
@@ -269,13 +281,17 @@ class Driver:
                     self.log("stopped before the first checkpoint: nothing was kept")
             raise
         finally:
+            if self.tracker is not None:
+                self.tracker.close()  # flushed: what was logged stays for the resumed run
             if lock is not None:
                 lock.release()
             self.engine.close()
 
     # ----------------------------------------------------------------- checkpoints
     def open_checkpoints(self, out_dir: Path, resume: bool) -> None:
-        ckpts = Checkpoints(out_dir, json.loads(self.cfg.model_dump_json()))
+        config = json.loads(self.cfg.model_dump_json())
+        config.pop("log")  # tracking changes no figure: a resume may turn it on or off
+        ckpts = Checkpoints(out_dir, config)
         if ckpts.exists() and not resume:
             raise TaskfedError(f"{ckpts.folder}: holds an interrupted run; continue it with --resume, or remove "
                                f"the folder to start over.")
@@ -285,6 +301,16 @@ class Driver:
         self.ckpts = ckpts
         if found is not None:
             self.restore(found)
+
+    def track(self, final: bool = False) -> None:
+        """[log]: what metrics.json holds so far to the tracker (opened at the first call: the run folder's
+        `.partial` then holds a checkpoint, so its log files never make an empty partial look like a run)."""
+        if self.ckpts is None or not tracking_on(self.cfg.log):
+            return
+        if self.tracker is None:
+            self.tracker = Tracker(self.cfg.log, self.ckpts.folder, json.loads(self.cfg.model_dump_json()),
+                                   self.cfg.method_name, self.fed.run)
+        self.tracker.log(self.metrics(self.rounds, self.setup_bytes or 0, self.evaluation), final)
 
     def checkpoint(self, step: int, label: str) -> None:
         if self.ckpts is None:

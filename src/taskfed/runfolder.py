@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from taskfed.errors import TaskfedError
+from taskfed.tracking import TRACKING_FILES
 
 
 def plain(obj: Any) -> Any:
@@ -216,8 +217,10 @@ def write_manifest(folder: Path) -> None:
     report.md, scores.csv, router.json/.safetensors, every adapter's files), so `taskfed serve` serves no
     file changed or damaged since the run wrote it (`check_manifest`). The checkpoints' digest and file name."""
     folder = Path(folder)
+    # Tracking logs (tracking.py) are left out: TensorBoard and `mlflow ui` may touch them, and nothing serves them.
+    skip = {folder / MANIFEST, *(folder / name for name in TRACKING_FILES)}
     files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
-             if p.is_file() and p != folder / MANIFEST}
+             if p.is_file() and not (p in skip or any(parent in skip for parent in p.parents))}
     (folder / MANIFEST).write_text(json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1, sort_keys=True))
 
 

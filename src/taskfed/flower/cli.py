@@ -1,4 +1,5 @@
 """`taskfed flower ...`: a Typer sub-app (mounted by the main CLI with `app.add_typer(flower_app, name="flower")`).
+Its commands:
 
     taskfed flower simulate CONFIG --out DIR [--set key=value ...] [--smoke] [--workers N]
                             [--client-cpus C] [--client-gpus G]

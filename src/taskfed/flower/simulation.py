@@ -7,6 +7,8 @@ object, a client app wrapped by a test), so it is used here. `flwr run` works to
 
 from __future__ import annotations
 
+import logging
+
 import taskfed.flower  # noqa: F401  (telemetry off before flwr is imported)
 
 import math
@@ -76,6 +78,9 @@ def simulate(cfg: RunConfig, out_dir: str | Path | None = None, client_app: Clie
         holder["metrics"] = serve(grid, cfg, Options(out_dir=Path(out_dir) if out_dir else None, round_timeout=round_timeout,
                                                     resume=resume))
 
+    # flwr logs through its own console handler; a root handler that Ray installs on the way would print
+    # its DEBUG lines a second time ("DEBUG:flwr:Stopping Simulation Runtime now.").
+    logging.getLogger("flwr").propagate = False
     run_simulation(server_app=app, client_app=client_app or make_client_app(worker=False), num_supernodes=cfg.scenario.n_clients,
                    backend_config=backend)
     if "metrics" not in holder:

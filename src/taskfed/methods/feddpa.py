@@ -33,7 +33,7 @@ can take it. (For last-token states of a causal LM negative cosines are practica
 matches the unclamped official code wherever that code produces a mix.)
 The weights are per row: every row of a batch carries its own (global, local) pair on the bank (the
 official batched path silently drops them; this one does not). They are recorded in the evaluation
-output (eval[mode]["feddpa_weights"]).
+output (`eval[mode]["feddpa_weights"]`).
 
 Serving (`taskfed serve`, model "auto@<client>"): the weight needs h of the client's training instructions.
 With `export_references = true` each client writes them after the last round beside its local adapter

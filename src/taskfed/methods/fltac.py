@@ -25,7 +25,7 @@ The paper has no router: this is the extension methods.md asks for.
 
 Bookkeeping (evaluation only, not part of the method): the server records its own cluster labels of every
 round; at evaluation the clients' true task of each id is joined in to give the clustering accuracy
-(Hungarian matching) of every round, eval[mode]["clustering_accuracy_per_round"], plus the router's
+(Hungarian matching) of every round, `eval[mode]["clustering_accuracy_per_round"]`, plus the router's
 accuracy on the rows it routed and the task make-up of the final clusters.
 
 Privacy note: per-task centroids of data embeddings leave the client (as FedRouter's local centroids do),
