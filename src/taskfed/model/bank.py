@@ -14,6 +14,12 @@ Two ways to say the mix, one per use:
   token over the first n slots, computed as ONE rank n*r LoRA (x A_cat^T, times the weights, B_cat^T): a
   handful of ops per layer whatever the number of jobs or rows, no per-row gather and no `index_put` in
   backward. A token's weight on other slots is exactly zero, so their gradient from it is exactly zero.
+- `GateMix` (mixture-of-LoRA methods, FedLEASE's router and FedALT's mixer): the per-token weights are not
+  given but computed in each layer from the token itself by a trained gate (no bias): p = softmax(G x) over
+  the gate's W logits, optionally the top k kept and renormalised, each logit's weight added onto the bank
+  slot it names (several logits may name one slot: FedLEASE's 2K-1 logits alias the client's own expert),
+  then TokenMix's dense product. Gates are the bank's too (`add_gates`: n_gates x W x d_in per layer), one
+  per client or cluster, chosen per token, so rows of several jobs still share one pass, packed or not.
 Either way one optimizer over the stacked tensors equals one optimizer per adapter (AdamW is elementwise).
 
 The stacked tensors are float32 whatever the base model's dtype (master weights): at lr 1e-5 an AdamW
@@ -89,6 +95,21 @@ class TokenMix:
     any_frozen: bool = False
 
 
+@dataclass
+class GateMix:
+    """Per-token weights computed by the bank's gates: token t uses gate `gate[b, t]` (batch x T, or batch x 1
+    for one per row), whose W logits name the bank slots `slots[b, t, :]` (batch x T x W or batch x 1 x W;
+    repeated slots alias); `top_k` keeps the k largest probabilities, renormalised (None: all); the dense
+    product covers slots 0..n-1; `frozen` / `any_frozen` as TokenMix's (the slots no token trains)."""
+
+    gate: torch.Tensor
+    slots: torch.Tensor
+    n: int
+    top_k: int | None = None
+    frozen: torch.Tensor | None = None
+    any_frozen: bool = False
+
+
 def host_to_device(tensors: list[torch.Tensor], device) -> list[torch.Tensor]:
     """Many host tensors of one dtype on `device` in ONE copy: concatenated, pinned and not waited for on
     CUDA (a pageable copy blocks the host until the device has it), split back into views."""
@@ -121,6 +142,9 @@ class BankLinear(nn.Module):
             return y
         if isinstance(mix, TokenMix):
             return y + self._dense(x, mix).to(y.dtype)
+        if isinstance(mix, GateMix):
+            w = self.gate_weights(x, mix) * self._bank[0].scale
+            return y + self._dense(x, TokenMix(w, mix.frozen, mix.any_frozen)).to(y.dtype)
         if mix.idx.shape[0] != x.shape[0]:
             raise RuntimeError(f"the bank's row mix has {mix.idx.shape[0]} rows but the batch has {x.shape[0]}")
         scale = self._bank[0].scale
@@ -137,6 +161,19 @@ class BankLinear(nn.Module):
             term = h * (mix.w[:, k].to(h.dtype) * scale).view(-1, *([1] * (h.dim() - 1)))
             delta = term if delta is None else delta + term
         return y + delta.to(y.dtype)
+
+    def gate_weights(self, x: torch.Tensor, mix: GateMix) -> torch.Tensor:
+        """Each token's weights over slots 0..n-1 (... x n, summing to 1) from its gate: every gate's logits in
+        one product (gates are few), the token's own picked by index (no boolean mask, no host sync)."""
+        g = self.gate  # n_gates x W x d_in
+        lead = x.shape[:-1]
+        logits = torch.nn.functional.linear(x, g.to(x.dtype).reshape(-1, g.shape[-1])).unflatten(-1, g.shape[:2])
+        pick = mix.gate.expand(lead)[..., None, None].expand(*lead, 1, g.shape[1])
+        p = logits.gather(-2, pick).squeeze(-2).float().softmax(-1)  # ... x W, softmax in float32
+        if mix.top_k is not None and mix.top_k < g.shape[1]:
+            kept, where = p.topk(mix.top_k, dim=-1)
+            p = torch.zeros_like(p).scatter(-1, where, kept / kept.sum(-1, keepdim=True))
+        return p.new_zeros(*lead, mix.n).scatter_add(-1, mix.slots.expand(*lead, g.shape[1]), p)
 
     def _dense(self, x: torch.Tensor, mix: TokenMix) -> torch.Tensor:
         """sum_s w[token, s] * B_s A_s x for the first n slots, as one rank n*r product."""
@@ -163,7 +200,7 @@ class AdapterBank:
         self.scale = alpha / r
         self.dtype = torch.float32  # master weights (module docstring), whatever the model's dtype
         self.target_modules = list(target_modules)
-        self.mix: RowMix | None = None
+        self.mix: RowMix | TokenMix | GateMix | None = None
         self.detached_terms: tuple[bool, ...] = ()  # per term k of the mix: does any row detach it
         for p in model.parameters():
             p.requires_grad_(False)
@@ -194,9 +231,36 @@ class AdapterBank:
         return [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
 
     def set_trainable(self, on: bool) -> None:
-        for p in self.parameters():
+        for p in self.parameters() + self.gate_parameters():
             p.requires_grad_(on)
             p.grad = None
+
+    # ----------------------------------------------------------------- gates (GateMix)
+    def add_gates(self, n_gates: int, width: int) -> None:
+        """Room for `n_gates` gates of `width` logits in every layer, zero (a zero gate mixes uniformly)."""
+        for layer in self.layers.values():
+            w = layer.lora_A
+            layer.gate = nn.Parameter(torch.zeros(n_gates, width, w.shape[-1], dtype=self.dtype, device=w.device))
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The gates' stacked tensors, one per layer ([] without gates): trained beside `parameters()`."""
+        return [layer.gate for layer in self.layers.values() if hasattr(layer, "gate")]
+
+    def gate_keys(self) -> list[str]:
+        """The keys of a gate's weights dict (`<module path>.gate`: W x d_in), sorted as adapters' keys are."""
+        return sorted(f"{name}.gate" for name in self.layers)
+
+    @torch.no_grad()
+    def load_gate(self, i: int, weights: AdapterWeights) -> None:
+        for name, layer in self.layers.items():
+            layer.gate[i].copy_(weights[f"{name}.gate"])
+
+    @torch.no_grad()
+    def read_gate(self, i: int) -> AdapterWeights:
+        """Gate i as float32 CPU tensors, in ONE device-to-host copy (as `read_many`)."""
+        gates = [(f"{name}.gate", layer.gate[i]) for name, layer in self.layers.items()]
+        flat = torch.cat([g.reshape(-1) for _, g in gates]).to("cpu", torch.float32)
+        return {key: part.view(g.shape).clone() for (key, g), part in zip(gates, flat.split([g.numel() for _, g in gates]))}
 
     @torch.no_grad()
     def load(self, slot: int, weights: AdapterWeights) -> None:
@@ -247,7 +311,7 @@ class AdapterBank:
 
     # ----------------------------------------------------------------- mixing
     @contextmanager
-    def mixing(self, mix: RowMix | TokenMix | None) -> Iterator[None]:
+    def mixing(self, mix: RowMix | TokenMix | GateMix | None) -> Iterator[None]:
         """Within the block every forward pass uses `mix` (None: the bare base model). A RowMix is moved to
         the bank's device (already there with its flags read: nothing is copied or read back); a TokenMix is
         used as it is."""
