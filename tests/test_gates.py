@@ -165,3 +165,20 @@ def test_gates_load_and_read_back_and_leave_the_other_mixes_alone(base):
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, plain(input_ids=ids, attention_mask=mask).logits)
     assert len(bank.parameters()) == len(other.parameters())  # gates are not among the adapters' tensors
     assert len(bank.gate_parameters()) == len(bank.layers) and other.gate_parameters() == []
+
+
+def test_a_gated_training_step_reads_nothing_back_to_the_host(base):
+    """No .item(), .tolist(), nonzero or boolean-mask indexing in a gated forward and backward (counted as
+    a GPU would see them: taskfed/opcount.py)."""
+    from taskfed.opcount import OpCounter
+
+    model, tok, bank = _bank(base, n_slots=3, n_gates=1, width=5)
+    bank.set_trainable(True)
+    ids, mask = _ids(tok)
+    gate, slots = per_row([0, 0], [[0, 1, 2, 1, 1]] * 2)
+    mix = GateMix(gate, slots, n=3, top_k=3, frozen=torch.tensor([True, False, True]), any_frozen=True)
+    # no padding mask: transformers' check of one reads it back (2 syncs with any mix, RowMix's too); the
+    # training step's passes hand the model positions and a block mask instead
+    with OpCounter() as count, bank.mixing(mix):
+        model(input_ids=ids).logits.square().mean().backward()
+    assert count.syncs == 0, count.sync_names
