@@ -18,6 +18,8 @@ from taskfed.errors import TaskfedError
 from taskfed.faults import InjectedFault
 from taskfed.run import run_experiment
 from taskfed.runfolder import MANIFEST, check_manifest
+from taskfed.serve.run import ServedRun
+from taskfed.tracking import tracking_on
 from tests.conftest import tiny_config
 
 ON = ("log.tensorboard=true", "log.mlflow=true")
@@ -129,21 +131,23 @@ def test_the_run_folder_keeps_its_logs_outside_its_manifest(tracked):
     assert "metrics.json" in listed and not any(k.startswith(("tensorboard", "mlflow")) for k in listed)
     assert list((tracked / "tensorboard").glob("events.out.tfevents.*"))
     check_manifest(tracked)
+    ServedRun(tracked)  # what `taskfed serve` opens first: the manifest check and the config.toml with its [log]
 
 
 def test_a_resumed_run_logs_each_figure_once(tmp_path, monkeypatch, tiny_runtime_factory):
-    """Stopped during its evaluation (rounds logged, the first mode not yet), resumed: every figure once, and
-    the MLflow run is the same one, continued."""
-    cfg = tiny_config("method.name=fedavg", *ON)
+    """Stopped in round 2 (round 1 and the figures that grow with the rounds, bytes_communicated, ..., logged at
+    step 1), resumed: every figure once, those at step 2 too, and the MLflow run is the same one, continued."""
+    cfg = tiny_config("method.name=fedavg", "train.steps=1", "eval.modes=[\"global\"]", *ON)  # small: resume is the point
     out = tmp_path / "run"
-    monkeypatch.setenv("TASKFED_FAULT", "eval.global:raise")
+    monkeypatch.setenv("TASKFED_FAULT", "round-2.aggregate:raise")
     faults.reset()
     with pytest.raises(InjectedFault):
         run_experiment(cfg, out, rt=tiny_runtime_factory(cfg))
     monkeypatch.delenv("TASKFED_FAULT")
     partial = tmp_path / "run.partial"
     before, _, _ = tensorboard_scalars(partial / "tensorboard")
-    assert ("round/train_loss", 2) in before and not any(k.startswith("eval/global") for k, _ in before)
+    assert ("round/train_loss", 1) in before and ("bytes_communicated", 1) in before
+    assert ("round/train_loss", 2) not in before and not any(k.startswith("eval/") for k, _ in before)
     run_experiment(cfg, out, rt=tiny_runtime_factory(cfg), resume=True)
     assert_logged(out)
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2  # appended, not rewritten
@@ -164,8 +168,10 @@ def test_tracking_settings_are_checked_before_a_run(tmp_path, monkeypatch, tiny_
     assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
 
 
-def test_off_by_default_writes_nothing(tiny_runtime_factory, tmp_path):
-    cfg = tiny_config("train.rounds=1")
-    assert not cfg.log.tensorboard and not cfg.log.mlflow
-    run_experiment(cfg, tmp_path / "run", rt=tiny_runtime_factory(cfg))
-    assert not (tmp_path / "run" / "tensorboard").exists() and not (tmp_path / "run" / "mlflow.db").exists()
+def test_off_by_default():
+    """Off unless asked. That an untracked run writes no log files is checked, without a run of its own here, by
+    the exact run folder listings of tests/test_flower.py::test_simulation_equals_in_process and of
+    tests/test_serve_start.py's manifest test (which would find unlisted files)."""
+    cfg = tiny_config()
+    assert not cfg.log.tensorboard and not cfg.log.mlflow and cfg.log.mlflow_uri is None
+    assert not tracking_on(cfg.log)

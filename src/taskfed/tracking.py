@@ -7,13 +7,14 @@ Every numeric leaf is a scalar, named by its path with '/' (a list's items by in
     round/<key>            per round, at step = the round's number (1-based); plus round/tokens_per_s
     eval/<mode>/<path>     each evaluation mode's figures (score, per-client and per-task ROUGE, router
                            accuracy, FedDPA's weights, ...), at step = the number of rounds
-    <path>                 the rest (bytes_communicated, setup_seconds, privacy/... epsilon spent, ...), same step
+    <path>                 the rest (bytes_communicated, setup_seconds, privacy/... epsilon spent, ...), at step
+                           = the rounds done so far: after each round (a series as it grows) and at the end
 
 and the resolved config is the run's parameters (MLflow params; a TensorBoard text summary), its keys
 dotted as in `--set`. Logging is idempotent by (name, step): a tracker reads what its stores already hold
-and logs only the rest, so a resumed run appends where the interrupted one stopped, and a round logged
-and then lost with its process before its checkpoint appears once (its figures are the same on the rerun:
-resume equals the uninterrupted run).
+and logs only the rest, so a resumed run appends where the interrupted one stopped. A round is logged
+after its checkpoint; one run again on resume (its checkpoint was damaged) keeps its first figures, which
+equal the rerun's but for its timings (resume equals the uninterrupted run).
 
 Where: under the run folder, written in `RUN_DIR.partial/` while the run goes and moved into the finished
 folder with it: `tensorboard/` (`tensorboard --logdir RUN_DIR/tensorboard`) and `mlflow.db`, a SQLite
@@ -29,6 +30,7 @@ import logging
 import math
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -146,10 +148,10 @@ class _MLflow:
             raise TaskfedError(f"log.mlflow: cannot open the MLflow store {uri} ({type(exc).__name__}: {exc}).") from None
         if runs:  # a resumed run continues its MLflow run
             self.run = runs[0].info.run_id
-            have = runs[0].data.metrics
-            self.logged = {(k, m.step) for k in have if k.startswith("round/")
+            # Every step of every key (not only the latest): the figures that grow with the rounds
+            # (bytes_communicated, epsilon spent, ...) were logged at each round's step, and need the later ones.
+            self.logged = {(k, m.step) for k in runs[0].data.metrics
                            for m in self.client.get_metric_history(self.run, k)}
-            self.logged |= {(k, None) for k in have if not k.startswith("round/")}
             self.has_params = bool(runs[0].data.params)
         else:
             self.run = self.client.create_run(exp, run_name=run_name, tags={"taskfed.run": run_id}).info.run_id
@@ -158,9 +160,9 @@ class _MLflow:
     def log(self, values: dict[tuple[str, int], float], config: dict[str, str] | None) -> None:
         from mlflow.entities import Metric, Param
 
-        new = [(name, step, v) for (name, step), v in sorted(values.items())
-               if (name, step) not in self.logged and (name, None) not in self.logged]
-        metrics = [Metric(name, v, 0, step) for name, step, v in new]
+        new = [(name, step, v) for (name, step), v in sorted(values.items()) if (name, step) not in self.logged]
+        now = int(time.time() * 1000)  # wall time for the UI's time axis (0 would read as 1970)
+        metrics = [Metric(name, v, now, step) for name, step, v in new]
         for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a batch
             self.client.log_batch(self.run, metrics=metrics[i:i + 1000])
         self.logged.update((name, step) for name, step, _ in new)
