@@ -7,7 +7,9 @@ x `--tokens` tokens, three mixes:
 - row: RowMix, one adapter per row (FedAvg's and FedRouter's training; the plain bank's per-row gather),
 - dense: TokenMix, fixed weights over the slots per token (packed training; FedDPA-like mixing),
 - gate: GateMix, the weights computed per token and per layer by a gate over the same slots (FedALT: 2
-  logits over 2 slots; FedLEASE: 2K-1 logits over K experts, top K; here `--slots` experts, 2K-1 logits, top K).
+  logits over 2 slots; FedLEASE: 2K-1 logits over K experts, top K; here `--slots` experts, 2K-1 logits, top K),
+  one gate per row (training one row per sequence, evaluation, generation): each row gathers its W slots,
+- gate/token: the same gate given per token (packed training's form): the dense product over the slots.
 Per mix: a training step (forward + backward of the summed logits' squares; the optimizer is the same for
 all and left out) and a decode step (one new token per row, no grad, as generation does it after the
 prompt). Printed: median milliseconds of `--repeat` runs after one warm-up, and each ratio to `row`.
@@ -67,6 +69,10 @@ def main() -> None:
         "gate": lambda n_tokens: GateMix(torch.zeros(args.rows, 1, dtype=torch.long),
                                          torch.tensor(list(range(k)) + [own] * (k - 1)).view(1, 1, -1).expand(args.rows, 1, -1),
                                          n=k, top_k=k),
+        # the same gate given per token (packed training's form): the dense product over the k slots
+        "gate/token": lambda n_tokens: GateMix(torch.zeros(args.rows, n_tokens, dtype=torch.long),
+                                               torch.tensor(list(range(k)) + [own] * (k - 1)).view(1, 1, -1)
+                                               .expand(args.rows, n_tokens, -1), n=k, top_k=k),
     }
     bank.set_trainable(True)
     for p in bank.gate_parameters():
@@ -85,9 +91,9 @@ def main() -> None:
     results = {}
     for name, make in mixes.items():
         results[name] = (median_ms(lambda: train_step(make), args.repeat), median_ms(lambda: decode_step(make), args.repeat))
-        print(f"{name:>5}: training step {results[name][0]:8.2f} ms   decode step {results[name][1]:7.2f} ms", flush=True)
+        print(f"{name:>10}: training step {results[name][0]:8.2f} ms   decode step {results[name][1]:7.2f} ms", flush=True)
     row = results["row"]
-    for name in ("dense", "gate"):
+    for name in ("dense", "gate", "gate/token"):
         t, d = results[name]
         print(f"{name} / row: training step {t / row[0]:.2f}x, decode step {d / row[1]:.2f}x")
     t, d = results["gate"]

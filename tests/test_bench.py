@@ -111,6 +111,28 @@ def test_report_pairs_methods_on_their_rows_and_against_the_base_model(tmp_path:
     assert (tmp_path / "figures" / "scores_single.png").stat().st_size > 1000
 
 
+def test_report_pairs_fedrouter_with_each_rival_on_the_same_rows(tmp_path: Path):
+    """Issue 29: FedRouter against FedALT and FedLEASE, row by row: 0.05 above FedALT on every row (supported),
+    0.05 below FedLEASE (refuted); no rival table without FedRouter."""
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0.2, 0.6, 30)
+    for method, rows in {"fedrouter": base, "fedalt": base - 0.05, "fedlease": base + 0.05}.items():
+        folder = tmp_path / "dual" / method / "seed-0"
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps(_fake_metrics(method, "dual", 0, float(rows.mean()),
+                                                                      {"a": float(rows.mean())})))
+        _scores_csv(folder, list(rows))
+    lines = build_report(tmp_path).splitlines()
+    alt = next(line for line in lines if line.startswith("| fedrouter | fedalt | local |"))
+    assert "+0.0500 [+0.0500, +0.0500] (n = 30)" in alt and alt.endswith("| supported |")
+    lease = next(line for line in lines if line.startswith("| fedrouter | fedlease | local |"))
+    assert "-0.0500" in lease and lease.endswith("| refuted |")
+    import shutil
+
+    shutil.rmtree(tmp_path / "dual" / "fedrouter")
+    assert not any(line.startswith("| fedrouter | fed") for line in build_report(tmp_path).splitlines())
+
+
 # ----------------------------------------------------------------------------- the suite
 SUITE = f"""
 version = 1

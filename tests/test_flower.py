@@ -197,10 +197,16 @@ def in_process(cfg, drop=lambda r, client: False, out=None):
 
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory):
-    from flwr.simulation import run_simulation
-
     root = tmp_path_factory.mktemp("flower-sim")
     runs = {m: config(m) for m in PARITY} | {"bad": config("fedavg", f"seed={NAN_SEED}")}
+    return root, runs, simulate(root, runs)
+
+
+def simulate(root, runs: dict) -> dict:
+    """Each config of `runs` on Flower's Simulation Engine (3 supernodes, taskfed's own client app with the
+    corrupting hooks above), written under root/<name>; returns each run's metrics."""
+    from flwr.simulation import run_simulation
+
     metrics = {}
     app = ServerApp()
 
@@ -219,7 +225,7 @@ def simulated(tmp_path_factory):
     finally:
         mp.undo()
     assert set(metrics) == set(runs), "the ServerApp did not finish every run (see the log)"
-    return root, runs, metrics
+    return metrics
 
 
 def saved(folder, name):

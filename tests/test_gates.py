@@ -184,3 +184,64 @@ def test_a_gated_training_step_reads_nothing_back_to_the_host(base):
     with OpCounter() as count, bank.mixing(mix):
         model(input_ids=ids).logits.square().mean().backward()
     assert count.syncs == 0, count.sync_names
+
+
+# ----------------------------------------------------------------------------- gated jobs in local training
+def _gated_specs(rt, clients, n=2):
+    """n FedALT-like specs: own adapter trained, its own frozen adapter (B != 0) as logit 0, a zero gate."""
+    from taskfed.methods.base import Correction, Gating
+    from taskfed.methods.fedalt import zero_gate
+    from taskfed.training import TrainSpec
+
+    g = torch.Generator().manual_seed(4)
+    rand = lambda: {k: 0.05 * torch.randn(v.shape, generator=g) for k, v in rt.init_adapter().items()}  # noqa: E731
+    specs = []
+    for j in range(n):
+        init = rand()
+        specs.append(TrainSpec(init=init, rows=[rt.encode(r) for r in clients[j].records], steps=2, batch=4, lr=1e-2,
+                               seed=j, frozen=[(rand(), 1.0)],
+                               correction=Correction(gating=Gating(zero_gate(init, 2), (1, 0)))))
+    return specs
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_gated_jobs_packed_train_as_one_by_one_and_return_their_gates(tiny_runtime_factory, tokens):
+    """Rows layout (one gate per row, each row's own slots): packed = alone to the bit. Tokens layout (the
+    dense per-token product over the pack's slots): equal up to float sums. The trained gate comes back
+    under its own keys, moved from zero; the frozen adapter never comes back."""
+    from taskfed import packing
+    from taskfed.model.parts import split_gate
+    from taskfed.run import Experiment
+    from taskfed.training import train_pack
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config("scenario.name=single")
+    rt = tiny_runtime_factory(cfg)
+    specs = _gated_specs(rt, list(Experiment(cfg, rt=rt).clients.values()))
+    layout = packing.Layout(tokens, 16, None)
+    packed = train_pack(rt, specs, layout=layout)
+    alone = [train_pack(rt, [s], layout=layout)[0] for s in specs]
+    for (wp, lp), (wa, la), s in zip(packed, alone, specs):
+        adapter, gate = split_gate(wp)
+        assert set(adapter) == set(s.init) and set(gate) == set(s.gating.gate)
+        assert any(float(v.abs().max()) > 0 for v in gate.values())
+        if tokens:
+            assert all(torch.allclose(wp[k], wa[k], atol=1e-5) for k in wp) and abs(lp - la) < 1e-5
+        else:
+            assert all(torch.equal(wp[k], wa[k]) for k in wp) and lp == la
+
+
+def test_a_gated_row_mix_is_the_gate_mix_it_stands_for_and_selects_its_gates(base):
+    """Evaluation and serving hold gated rows as a RowMix (rows are selected and joined there)."""
+    model, tok, bank = _bank(base, n_slots=3, n_gates=2, width=2)
+    ids, mask = _ids(tok)
+    rows = RowMix(torch.tensor([[2, 0], [1, 2]]), torch.full((2, 2), 0.5), gate=torch.tensor([1, 0]), n=3)
+    gate, slots = per_row([1, 0], [[2, 0], [1, 2]])
+    with torch.no_grad():
+        with bank.mixing(rows):
+            a = model(input_ids=ids, attention_mask=mask).logits
+        with bank.mixing(GateMix(gate, slots, n=3)):
+            b = model(input_ids=ids, attention_mask=mask).logits
+        with bank.mixing(rows.select(torch.tensor([1]))):
+            c = model(input_ids=ids[1:], attention_mask=mask[1:]).logits
+    assert torch.equal(a, b) and torch.allclose(c, a[1:], atol=1e-5)

@@ -43,6 +43,8 @@ def runs(tmp_path_factory, tiny_runtime_factory):
         "fltac": tiny_config("method.name=fltac", "scenario.name=dual", *PLAIN),
         "feddpa-f": tiny_config("method.name=feddpa-f", "method.weighting=fixed", "method.w_fixed=0.3", *PLAIN),
         "feddpa-f-auto": tiny_config("method.name=feddpa-f", "method.export_references=true", *PLAIN),
+        "fedalt": tiny_config("method.name=fedalt", *PLAIN),
+        "fedlease": tiny_config("method.name=fedlease", "method.warmup=1", *PLAIN),
     }
     for name, cfg in cfgs.items():
         run_experiment(cfg, tmp / name, rt=tiny_runtime_factory(cfg))
@@ -761,3 +763,72 @@ def test_models_say_what_each_cluster_serves_and_the_router_gives_a_distance_sca
     scale = run.distance_scale()
     assert scale.startswith("nearest pair ") and "median pair" in scale
     assert ServedRun(tmp / "feddpa-f").distance_scale() is None  # no centroids: no scale
+
+
+def offline_gated(srv: Running, instruction: str, client: str, max_tokens: int) -> str:
+    """taskfed's offline generation of `instruction` under client `client`'s gated model, on the served bank's
+    slots and gates."""
+    run = srv.batcher.current
+    model = run.router.params["models"][client]
+    slots = [[run.slots[model["adapters"][i]] for i in model["logits"]]]
+    row = RowMix(torch.tensor(slots), torch.zeros(1, len(slots[0])), gate=torch.tensor([run.gate_slots[client]]),
+                 top_k=run.router.params["top_k"], n=srv.rt.bank.n_slots)
+    with srv.batcher.paused():
+        texts, _ = gen.generate(srv.rt, [gen.prompt_ids(srv.rt, instruction, max_tokens)], row, max_tokens)
+    return texts[0]
+
+
+@pytest.mark.parametrize("name", ["fedalt", "fedlease"])
+def test_a_gated_run_serves_each_clients_model_per_token_as_its_evaluation_scored_it(runs, tiny_runtime_factory, name):
+    """FedALT / FedLEASE: `auto@<client>` is that client's adapters mixed per token by its gate; the served
+    tokens equal the offline decoder's under the same gate, and score as the run's own evaluation scored
+    the row (scores.csv); mixed in one batch with plain requests, each answers as alone."""
+    from taskfed.evaluation.metrics import score
+    from taskfed.population import answer_budgets
+
+    tmp, cfgs = runs
+    folder = tmp / name
+    run = ServedRun(folder)
+    clients = metrics_clients(folder)
+    assert run.router.kind == "gate" and sorted(run.gates) == sorted(clients)
+    assert [f"auto@{c}" for c in sorted(clients)] == [m for m in run.model_names() if m.startswith("auto@")]
+    rt = tiny_runtime_factory(cfgs[name])
+    srv = Running(folder, rt)
+    try:
+        pop = population(cfgs[name])
+        budgets = answer_budgets(pop, rt.n_answer_tokens, cfgs[name].eval.max_new_tokens)
+        client = sorted(clients)[0]
+        rows = [r for r in read_scores(folder / "scores.csv") if r["mode"] == "local" and r["client"] == client]
+        rows = rows[::max(1, len(rows) // 4)]  # about 4 rows, over the client's tasks
+        want = {}
+        for r in rows:
+            record = pop.test_by_task[r["task"]][r["row"]]
+            budget = budgets[r["task"]]
+            got = complete(srv.url, {"model": f"auto@{client}", "prompt": record.instruction, "max_tokens": budget}).json()
+            model = run.router.params["models"][client]
+            assert got["taskfed"]["adapters"] == model["adapters"] and got["taskfed"]["gate"]["client"] == client
+            text = got["choices"][0]["text"]
+            assert text.strip() == offline_gated(srv, record.instruction, client, budget).strip()
+            assert score(text, record.output)["rouge1"] == pytest.approx(r["rouge1"], abs=1e-9), (r["task"], r["row"])
+            want[record.instruction] = text
+        # in one batch with plain (one-adapter) requests of the same run
+        plain = next(a for a in run.adapters if a.startswith(("local@", "expert/")))
+        bodies = [{"model": f"auto@{client}", "prompt": p, "max_tokens": 8} for p in list(want)[:3]] + \
+                 [{"model": plain, "prompt": p, "max_tokens": 8} for p in list(want)[:3]]
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            with srv.batcher.paused():  # all queue up, then join the decode together
+                futures = [pool.submit(complete, srv.url, b) for b in bodies]
+                deadline = time.monotonic() + 30
+                while srv.batcher.waiting.qsize() < len(bodies) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            together = [f.result().json()["choices"][0]["text"] for f in futures]
+        assert srv.batcher.stats["max_rows"] == len(bodies)  # they did decode in one batch
+        for b, text in zip(bodies, together):
+            if b["model"].startswith("auto@"):
+                assert text.strip() == offline_gated(srv, b["prompt"], client, 8).strip()
+            else:
+                assert text.strip() == offline(srv, b["prompt"], {plain: 1.0}, 8)
+        no_client = complete(srv.url, {"model": "auto", "prompt": "x"})
+        assert no_client.status_code == 400 and f"auto@{sorted(clients)[0]}" in no_client.json()["error"]["message"]
+    finally:
+        srv.close()

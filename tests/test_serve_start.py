@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import taskfed.runtime
@@ -36,7 +36,8 @@ SMALL = ["train.rounds=1", "eval.max_rows_per_task=1", "eval.max_new_tokens=2"]
 def runs(tmp_path_factory, tiny_runtime_factory) -> Path:
     tmp = tmp_path_factory.mktemp("serve-start")
     cfgs = {"fedrouter": tiny_config("method.name=fedrouter", "scenario.name=dual", *SMALL),
-            "feddpa": tiny_config("method.name=feddpa-f", "method.weighting=fixed", *SMALL)}
+            "feddpa": tiny_config("method.name=feddpa-f", "method.weighting=fixed", *SMALL),
+            "fedalt": tiny_config("method.name=fedalt", *SMALL)}
     for name, cfg in cfgs.items():
         run_experiment(cfg, tmp / name, rt=tiny_runtime_factory(cfg))
     return tmp
@@ -192,6 +193,38 @@ def test_a_feddpa_router_must_mix_its_global_adapter(copy):
     edit_router(folder, "router.adapters", [])  # the fixed weighting's mix would then name no slot: a 500 per request
     with pytest.raises(TaskfedError, match=r"router\.json: key 'router\.adapters' must be \['global'\]"):
         ServedRun(folder)
+
+
+@pytest.mark.parametrize("key,value,named", [
+    ("router.params.top_k", 3, "router.params.top_k"),
+    ("router.params.top_k", 0, "router.params.top_k"),
+    ("router.params.gate", "", "router.params.gate"),
+    ("router.params.gate", "nope", "client_arrays.nope.0"),
+    ("router.params.models.0.logits", [0, 2], "router.params.models.0.logits"),
+    ("router.params.models.0.logits", [0, 1, 1], "router.params.models"),
+    ("router.params.models.0.adapters", ["rest@0", "local@9"], "router.params.models.0.adapters"),
+    ("router.params.models", {}, "router.params.models"),
+    ("router.params.extra", 1, "router.params.extra"),
+])
+def test_a_gate_router_is_checked_key_by_key(copy, key, value, named):
+    folder = copy("fedalt")
+    edit_router(folder, key, value)
+    with pytest.raises(TaskfedError, match=f"router.json.*'{named}'"):
+        ServedRun(folder)
+
+
+def test_a_gate_file_of_the_wrong_shape_or_not_finite_is_refused(copy):
+    folder = copy("fedalt")
+    path = folder / json.loads((folder / "router.json").read_text())["client_arrays"]["mixer"]["0"]
+    gate = load_file(str(path))
+    key = sorted(gate)[0]
+    for bad, named in [({**gate, key: gate[key][:1]}, "shape"), ({**gate, key: gate[key] * float("nan")}, "finite"),
+                       ({k: v for k, v in gate.items() if k != key}, "missing")]:
+        save_file(bad, str(path))
+        write_manifest(folder)
+        with pytest.raises(TaskfedError, match=named) as err:
+            ServedRun(folder)
+        assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
 
 
 def test_a_bad_router_json_stops_the_cli_before_the_model_loads(copy, no_model):

@@ -191,6 +191,12 @@ class RunConfig(_Strict):
         if self.privacy.updates is not None and name == "scaffold":
             raise ValueError("privacy.updates: method 'scaffold' also uploads its control-variate changes dc_i, "
                              "which are neither clipped nor noised")
+        if self.privacy.updates is not None and name == "fedalt":
+            raise ValueError("privacy.updates: method 'fedalt' sends each client the exact mean of the others' "
+                             "uploads (its rest-of-world LoRA), which is not noised")
+        if self.privacy.updates is not None and name == "fedlease":
+            raise ValueError("privacy.updates: method 'fedlease' also uploads each client's router and, for the "
+                             "clustering, its warm-up LoRA, which are neither clipped nor noised")
         if self.privacy.centroids is not None:
             if name not in CENTROID_METHODS:
                 raise ValueError(f"privacy.centroids: method '{name}' shares no centroids (only "

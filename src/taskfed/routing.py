@@ -16,6 +16,10 @@ Kinds:
 - "mix" (FedDPA): per client, global + that client's local adapter with the weighting's parameters; an
   input's weights need the client's reference states (adapters/clients/<c>/references.safetensors, written
   only where the run allows it: FedDPA's `export_references`), except under the fixed weighting.
+- "gate" (FedALT, FedLEASE): per client c (`params.models[c]`), a per-token gate over the adapters
+  `models[c].adapters`: logit w weighs `adapters[logits[w]]` (repeats alias), the top `params.top_k` kept
+  and renormalised (None: all), the gate being client c's array `params.gate` (adapters/clients/<c>/<gate>
+  .safetensors: "<module>.gate", W x d_in per target module). Nothing to route: the mix is the gate's, per token.
 - "one": no router; every input goes to `adapters[0]` (FedAvg's global adapter, a cluster method's model).
 """
 
@@ -42,7 +46,7 @@ from taskfed.state import save_safetensors
 
 FORMAT = 1
 JSON, ARRAYS = "router.json", "router.safetensors"
-KINDS = ("nearest", "mix", "one")
+KINDS = ("nearest", "mix", "gate", "one")
 MIX_PARAMS = ("weighting", "w_max", "w_fixed", "k", "references", "h_text")  # FedDPA's, as router_state writes them
 
 
@@ -83,6 +87,26 @@ class _Doc(_Strict):
     clients: list[str] = Field(default_factory=list)
     client_arrays: dict[str, dict[str, Name]] = Field(default_factory=dict)
     router: _Router
+
+
+class _GateModel(_Strict):
+    adapters: list[Name] = Field(min_length=1)
+    logits: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+
+
+class _GateParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    gate: Name
+    top_k: Annotated[int, Field(ge=1)] | None = None
+    models: Annotated[dict[str, _GateModel], Field(min_length=1)]
+
+
+class _GateRouter(_Router):
+    params: _GateParams
+
+
+class _GateDoc(_Doc):
+    router: _GateRouter
 
 
 @functools.cache
@@ -177,6 +201,8 @@ def _check_adapters(path: Path, doc: dict[str, Any], r: _Router) -> None:
         raise TaskfedError(f"{path}: key 'router.adapters' names adapter '{unknown[0]}', which the run does not list.")
     if r.kind == "nearest" and not r.adapters:
         raise TaskfedError(f"{path}: key 'router.adapters' is empty; a nearest router needs an adapter per centroid.")
+    if r.kind == "gate":
+        _check_gate(path, doc, _validate(path, _GateDoc, doc).router.params)
     if r.kind == "mix":
         if r.adapters != ["global"]:
             raise TaskfedError(f"{path}: key 'router.adapters' must be ['global'] (a mix of the global adapter and "
@@ -185,6 +211,29 @@ def _check_adapters(path: Path, doc: dict[str, Any], r: _Router) -> None:
         missing = [k for k in (*MIX_PARAMS, "seed") if k not in r.params]
         if missing:
             raise TaskfedError(f"{path}: key 'router.params.{missing[0]}' is missing.")
+
+
+def _check_gate(path: Path, doc: dict[str, Any], p: "_GateParams") -> None:
+    """A gate router's models name the run's adapters, logits within them, one gate width for all (the bank
+    holds the gates stacked), top_k within it, and each model's client holds the gate file."""
+    widths = {len(m.logits) for m in p.models.values()}
+    if len(widths) != 1:
+        raise TaskfedError(f"{path}: key 'router.params.models': every model's gate must have the same number "
+                           f"of logits (found {sorted(widths)}).")
+    width = widths.pop()
+    if p.top_k is not None and p.top_k > width:
+        raise TaskfedError(f"{path}: key 'router.params.top_k' is {p.top_k}, more than the gate's {width} logits.")
+    files = doc.get("client_arrays", {}).get(p.gate, {})
+    for cid, m in sorted(p.models.items()):
+        where = f"router.params.models.{cid}"
+        unknown = [a for a in m.adapters if a not in doc["adapters"]]
+        if unknown:
+            raise TaskfedError(f"{path}: key '{where}.adapters' names adapter '{unknown[0]}', which the run does not list.")
+        if max(m.logits) >= len(m.adapters):
+            raise TaskfedError(f"{path}: key '{where}.logits' names adapter {max(m.logits)}, but the model has "
+                               f"{len(m.adapters)} (0..{len(m.adapters) - 1}).")
+        if cid not in files:
+            raise TaskfedError(f"{path}: key 'client_arrays.{p.gate}.{cid}' is missing: client {cid}'s gate file.")
 
 
 def _centroids(folder: Path, r: _Router) -> np.ndarray:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from taskfed import packing, progress
-from taskfed.model.bank import AdapterWeights, RowMix, TokenMix, host_to_device
+from taskfed.model.bank import AdapterWeights, GateMix, RowMix, TokenMix, host_to_device
 from taskfed.model.parts import PARTS, part_of
 from taskfed.runtime import Encoded, Runtime
 
@@ -54,7 +54,12 @@ class TrainSpec:
     scale: float = 1.0  # weight of the trained adapter in the layer output
     frozen: list[tuple[AdapterWeights, float]] = field(default_factory=list)  # detached terms (weights, coef)
     trains: tuple[str, ...] = PARTS  # the factors the optimizer updates (FFA-LoRA: B only)
-    correction: object | None = None  # a methods.base.Correction applied at every step (SCAFFOLD)
+    correction: object | None = None  # a methods.base.Correction applied at every step (SCAFFOLD), or its gate
+
+    @property
+    def gating(self):
+        """The job's trained gate (a methods.base.Gating), or None."""
+        return getattr(self.correction, "gating", None)
 
 
 def collate(rows: list[Encoded], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -243,6 +248,12 @@ class _PackPlan:
         for j, job_terms in enumerate(terms):
             for slot, coef, _ in job_terms:
                 table[j, slot] += coef * rt.bank.scale
+        # Gated jobs (GateMix): per job, the bank slot each of its gate's logits names; row n_jobs, padding,
+        # uses gate 0 onto slot 0 (padding is in no loss and attended by no token: zero gradient).
+        gated = specs[0].gating is not None
+        if gated:
+            gate_slots = torch.tensor([[terms[j][t][0] for t in s.gating.terms] for j, s in enumerate(specs)]
+                                      + [[0] * len(specs[0].gating.terms)])
         counts = torch.zeros(specs[0].steps, n_jobs)
         records, shape = [], []  # every pass's host tensors; passes per step
         self.tokens, self.computed, self.n_passes = 0, 0, 0
@@ -256,7 +267,11 @@ class _PackPlan:
                 counts[step, j] += len(row.ids) - max(row.n_prompt, 1)
             for seqs, width in zip(plan.passes, plan.widths):
                 rec = _host_pass(items, seqs, width, rt.tokenizer.pad_token_id, n_jobs)
-                if not layout.tokens:  # one row per sequence: the row's terms, padded to K with zero weight on its own slot
+                if gated:  # per token (packed) or per row: the job's gate and its slots
+                    job = rec["job"] if layout.tokens else torch.tensor([[items[seq[0]][0]] for seq in seqs])
+                    rec["gate"] = job.clamp(max=n_jobs - 1)
+                    rec["gate_slots"] = gate_slots[job]
+                elif not layout.tokens:  # one row per sequence: the row's terms, padded to K with zero weight on its own slot
                     rows_terms = [terms[items[seq[0]][0]] for seq in seqs]
                     k = max(map(len, rows_terms))
                     rows_terms = [t + [(t[0][0], 0.0, True)] * (k - len(t)) for t in rows_terms]
@@ -272,12 +287,16 @@ class _PackPlan:
         self.eager = rt.model.config._attn_implementation == "eager"
         self.dtype = next(rt.model.parameters()).dtype
         passes = iter(records)
-        self.steps: list[list[_Pass]] = [[self._pass(next(passes), shared, layout.tokens, bool(frozen_slots))
+        top_k = specs[0].gating.top_k if gated else None
+        self.steps: list[list[_Pass]] = [[self._pass(next(passes), shared, layout.tokens, bool(frozen_slots), top_k)
                                           for _ in range(n)] for n in shape]
 
     @staticmethod
-    def _pass(rec: dict, shared: dict, tokens: bool, any_frozen: bool) -> _Pass:
-        if tokens:
+    def _pass(rec: dict, shared: dict, tokens: bool, any_frozen: bool, top_k: int | None = None) -> _Pass:
+        if "gate" in rec:
+            n_slots = shared["frozen"].shape[0]
+            mix = GateMix(rec["gate"], rec["gate_slots"], n_slots, top_k, shared["frozen"], any_frozen)
+        elif tokens:
             w = shared["table"].index_select(0, rec["job"].reshape(-1)).view(*rec["job"].shape, -1)
             mix = TokenMix(w, shared["frozen"], any_frozen=any_frozen)
         else:  # term 0 is each row's own slot (trained); every later term is frozen or zero padding
@@ -320,8 +339,9 @@ def train_pack(rt: Runtime, specs: list[TrainSpec], stats: PackStats | None = No
                 frozen_list.append(weights)
     rt.load_slots([s.init for s in specs] + frozen_list)
     bank = rt.bank
+    gated = _load_gates(bank, specs)
     bank.set_trainable(True)
-    optimizer = make_optimizer(bank.parameters(), lr)
+    optimizer = make_optimizer(bank.parameters() + (bank.gate_parameters() if gated else []), lr)
     plan = _PackPlan(rt, specs, frozen_slots, layout)
     like = bank.parameters()[0]  # proximal references moved to the device once, not at every step
     prox_refs = {j: {k: v.to(like.device, like.dtype) for k, v in s.prox_ref.items()}
@@ -367,7 +387,25 @@ def train_pack(rt: Runtime, specs: list[TrainSpec], stats: PackStats | None = No
     stats.passes += plan.n_passes
     stats.steps += steps
     per_step = torch.stack(step_losses).tolist()  # the pack's one read-back of losses
-    return [(w, float(np.mean([row[j] for row in per_step]))) for j, w in enumerate(bank.read_many(len(specs)))]
+    trained = bank.read_many(len(specs))
+    if gated:  # each job's trained gate comes back under its own keys (parts.split_gate)
+        trained = [{**w, **bank.read_gate(j)} for j, w in enumerate(trained)]
+    return [(w, float(np.mean([row[j] for row in per_step]))) for j, w in enumerate(trained)]
+
+
+def _load_gates(bank, specs: list[TrainSpec]) -> bool:
+    """Gate j of the bank from spec j's Gating (a gated pack holds gated specs of one width only); False
+    when no spec is gated."""
+    gatings = [s.gating for s in specs]
+    if all(g is None for g in gatings):
+        return False
+    widths = {None if g is None else len(g.terms) for g in gatings}
+    if len(widths) != 1 or len({None if g is None else g.top_k for g in gatings}) != 1:
+        raise ValueError("a pack's jobs must all be gated alike (one gate width and top-k) or not at all")
+    bank.add_gates(len(specs), widths.pop())
+    for j, g in enumerate(gatings):
+        bank.load_gate(j, g.gate)
+    return True
 
 
 def _part_masks(bank, specs: list[TrainSpec]) -> list[torch.Tensor] | None:
@@ -390,7 +428,7 @@ def _part_masks(bank, specs: list[TrainSpec]) -> list[torch.Tensor] | None:
 def _corrections(bank, specs: list[TrainSpec]) -> tuple[list[torch.Tensor] | None, str]:
     """The specs' per-step corrections stacked per bank parameter (zero on slots without one), moved to
     the device once per pack; and where they apply ("weights" or "grad", one per pack)."""
-    given = [s.correction for s in specs if s.correction is not None]
+    given = [s.correction for s in specs if s.correction is not None and s.correction.delta]
     if not given:
         return None, ""
     at = {c.at for c in given}
@@ -400,7 +438,7 @@ def _corrections(bank, specs: list[TrainSpec]) -> tuple[list[torch.Tensor] | Non
     for name, p in bank.stacked():
         stack = torch.zeros(p.shape, dtype=torch.float32)
         for j, s in enumerate(specs):
-            if s.correction is not None:
+            if s.correction is not None and s.correction.delta:
                 stack[j] = s.correction.delta[name]
         out.append(stack)
     return host_to_device(out, bank.parameters()[0].device), at.pop()

@@ -363,6 +363,24 @@ def _reference_table(t: BenchTables, scenario: str) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+RIVALS = ("fedalt", "fedlease")  # issue 29: the closest rivals, each compared with FedRouter row by row
+
+
+def _rival_table(t: BenchTables, scenario: str) -> list[str]:
+    """FedRouter against each rival of the scenario, paired per mode on the test rows both scored."""
+    names = {m: t.names[(scenario, m)] for m in t.methods(scenario)}
+    ours = [m for m, n in names.items() if n == "fedrouter"]
+    rivals = [m for m, n in names.items() if n in RIVALS]
+    lines = ["| FedRouter | rival | mode | paired difference in ROUGE-1 [95% CI] | p | verdict |", "|---|---|---|---|---|---|"]
+    for m in ours:
+        for r in rivals:
+            for mode in t.modes(scenario):
+                p = t.paired(scenario, m, r, mode)
+                if p is not None:
+                    lines.append(f"| {m} | {r} | {mode} | {_diff(p)} | {_p(p.p)} | {p.verdict} |")
+    return lines if len(lines) > 2 else []
+
+
 def _figures(t: BenchTables, folder: Path) -> list[str]:
     lines = []
     fig_dir = folder / "figures"
@@ -510,6 +528,10 @@ def build_report(folder: Path) -> str:
         gains = _gain_table(t, scenario)
         if gains:
             lines += ["Relative to the best baseline (by mean):", ""] + gains + [""]
+        rivals = _rival_table(t, scenario)
+        if rivals:
+            lines += ["FedRouter against the closest rivals (FedALT, FedLEASE), paired on the same test rows and seeds "
+                      "(positive: FedRouter scores higher):", ""] + rivals + [""]
         reference = _reference_table(t, scenario)
         if reference:
             lines += ["Against the untrained base model (`base`), paired on the same test rows and seeds:", ""]

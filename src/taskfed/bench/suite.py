@@ -50,9 +50,9 @@ from taskfed.errors import TaskfedError
 
 SUITE_VERSION = 1
 # What the report's "best baseline" ranges over: the seeds' own baselines, then the ones peers ship
-# (methods.md, "More methods").
+# (methods.md, "More methods"), then the closest rivals (issue 29: FedALT, FedLEASE).
 BASELINES = ["local", "fedavg", "fedprox", "clustered", "ifca", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
-             "scaffold", "fedsa-lora", "ffa-lora"]
+             "scaffold", "fedsa-lora", "ffa-lora", "fedalt", "fedlease"]
 REFERENCE = "base"  # the untrained base model's method name: the reference row of every scenario
 # A label is one folder name under --out: letters, digits, '_', '.', '-', not starting with '.' or '-'
 # (so never '', '.', '..', a hidden name or a path).

@@ -25,7 +25,7 @@ from taskfed.evaluation.evaluate import ClientEval, evaluate_client
 from taskfed.memory import release_memory
 from taskfed.methods import build_method
 from taskfed.methods.base import Client, Downlink, Federation, Job, JobRun, LocalRef, Method, Result, merged, only
-from taskfed.model.peft_io import check_upload, check_weights, n_bytes, save_adapter
+from taskfed.model.peft_io import check_upload, check_weights, extra_shapes, n_bytes, save_adapter, shapes_of
 from taskfed.population import Population, data_digest
 from taskfed.privacy import clip_update, updates_on
 from taskfed.runtime import Runtime
@@ -119,7 +119,8 @@ class InProcessEngine:
             init = merged(client.resolve(job.fill), init)
         check_weights(init, self.rt.bank.shapes(), f"the start of job {job.adapter} on client {job.client}")
         for name, w in sorted(job.extra.items()):  # what the method's client hooks read, whole
-            check_weights(w, self.rt.bank.shapes(), f"'{name}' of job {job.adapter} on client {job.client}")
+            check_weights(w, extra_shapes(self.rt.bank.shapes(), shapes_of(w)),
+                          f"'{name}' of job {job.adapter} on client {job.client}")
         spec = TrainSpec(
             init=init, rows=rows, steps=job.steps or tc.steps, batch=batch,
             lr=job.lr if job.lr is not None else cosine_lr(round_idx, tc.rounds, tc.lr_max, tc.lr_min), seed=seed, prox_mu=job.prox_mu,
@@ -247,7 +248,7 @@ class InProcessEngine:
                 rel = f"adapters/clients/{cid}/{name.replace('/', '_')}"
                 save_adapter(weights, Path(folder) / rel, **lora)
                 files.adapters[(cid, name)] = rel
-            for name, tensors in self.client_side.client_arrays(client, self.rt).items():
+            for name, tensors in self.client_side.client_arrays(client, self.rt, sent).items():
                 rel = f"adapters/clients/{cid}/{name}.safetensors"
                 (Path(folder) / rel).parent.mkdir(parents=True, exist_ok=True)
                 save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, Path(folder) / rel)

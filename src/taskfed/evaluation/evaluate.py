@@ -60,9 +60,13 @@ def evaluate_client(rt: Runtime, method: Method, client: Client, records: list[R
     names = list(adapters)
     fps = [fingerprint(adapters[n]) for n in names]
     mix = method.route(client, records, names, rt, sent)
+    gates = method.eval_gates(client, sent)
+    gate_fps = [fingerprint(g) for g in gates]
     keys = []
     for row, r in enumerate(records):
         terms = tuple((fps[int(i)], round(float(w), 6)) for i, w in zip(mix.idx[row], mix.w[row]) if float(w) != 0.0)
+        if mix.gate is not None:  # a gated row's output is its gate's too
+            terms += (gate_fps[int(mix.gate[row])], mix.top_k)
         keys.append((r.instruction, terms, max_new[r.task]))
     todo: dict[tuple, int] = {}
     for row, key in enumerate(keys):
@@ -70,6 +74,7 @@ def evaluate_client(rt: Runtime, method: Method, client: Client, records: list[R
             todo[key] = row
     if todo:
         rt.load_slots([adapters[n] for n in names])
+        load_gates(rt.bank, gates)
         prompts = {row: prompt_ids(rt, records[row].instruction, keys[row][2]) for row in todo.values()}
         order = sorted(todo.values(), key=lambda row: (keys[row][2], len(prompts[row])))
         for start in range(0, len(order), batch_size):
@@ -88,6 +93,14 @@ def evaluate_client(rt: Runtime, method: Method, client: Client, records: list[R
     tasks = [r.task for r in records]
     routed = Routed(client.id, tasks, names, mix, method.eval_facts(client))
     return ClientEval(float(np.mean(rows["rouge1"])), per_task_means(tasks, rows), gen_tokens, gen_seconds, routed, rows)
+
+
+def load_gates(bank, gates: list[AdapterWeights]) -> None:
+    """Bank gates 0..len-1 from `gates` (a gated route's, all of one width); nothing without gates."""
+    if gates:
+        bank.add_gates(len(gates), next(iter(gates[0].values())).shape[0])
+        for i, g in enumerate(gates):
+            bank.load_gate(i, g)
 
 
 def per_task_means(tasks: list[str], rows: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:

@@ -253,7 +253,10 @@ class Decoder:
 
 def join_mixes(a: RowMix, b: RowMix) -> RowMix:
     """The rows of `a` then those of `b`; the one with fewer terms gets weight-0 terms on slot 0, which add
-    an exact zero to every layer's output."""
+    an exact zero to every layer's output. Gated rows (FedALT, FedLEASE) join plain ones, which get gate -1
+    (not gated); gated rows of both must share the top-k (the bank's gates share one width)."""
+    if a.gate is not None and b.gate is not None and a.top_k != b.top_k:
+        raise ValueError(f"gated rows of top-k {a.top_k} and {b.top_k} cannot share a batch")
     k = max(a.idx.shape[1], b.idx.shape[1])
 
     def widen(m: RowMix) -> RowMix:
@@ -262,13 +265,18 @@ def join_mixes(a: RowMix, b: RowMix) -> RowMix:
             return m
         det = None if m.detached is None else torch.cat([m.detached, m.detached.new_zeros(len(m.idx), extra)], 1)
         return RowMix(torch.cat([m.idx, m.idx.new_zeros(len(m.idx), extra)], 1),
-                      torch.cat([m.w, m.w.new_zeros(len(m.w), extra)], 1), det)
+                      torch.cat([m.w, m.w.new_zeros(len(m.w), extra)], 1), det, gate=m.gate, top_k=m.top_k, n=m.n)
 
     a, b = widen(a), widen(b)
     det = None
     if a.detached is not None or b.detached is not None:
         det = torch.cat([torch.zeros_like(m.idx, dtype=torch.bool) if m.detached is None else m.detached for m in (a, b)])
-    return RowMix(torch.cat([a.idx, b.idx]), torch.cat([a.w, b.w]), det)
+    gate, top_k, n = None, None, 0
+    if a.gate is not None or b.gate is not None:
+        gate = torch.cat([m.gate if m.gate is not None else torch.full((len(m.idx),), -1, dtype=torch.long,
+                                                                        device=m.idx.device) for m in (a, b)])
+        top_k, n = (a.top_k, a.n) if a.gate is not None else (b.top_k, b.n)
+    return RowMix(torch.cat([a.idx, b.idx]), torch.cat([a.w, b.w]), det, gate=gate, top_k=top_k, n=n)
 
 
 def shrinking_generate(rt: Runtime, prompts: list[list[int]], mix: RowMix, max_new_tokens: int) -> list[list[int]]:

@@ -4,7 +4,8 @@
 
 `row` is the row's index among its task's test rows (the same rows for every method and seed of a
 scenario, so two runs pair up on (mode, client, task, row)); `adapters` and `weights` are the row's mix as
-JSON lists (one adapter with weight 1 for a routed row). No texts: the prompt and the answer stay where
+JSON lists (one adapter with weight 1 for a routed row; a gated row of FedALT or FedLEASE lists the adapters its
+gate mixes, with placeholder weights: the real ones are per token). No texts: the prompt and the answer stay where
 the data is. The bench's paired comparisons (bench/paired.py) read these files.
 """
 

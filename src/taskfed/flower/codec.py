@@ -27,7 +27,7 @@ from taskfed.errors import TaskfedError
 from taskfed.evaluation.evaluate import METRICS, ClientEval, per_task_means
 from taskfed.methods.base import ALL_ROWS, PARTS, Downlink, Federation, Job, LocalRef, Routed, only, part_of
 from taskfed.model.bank import AdapterWeights, RowMix
-from taskfed.model.peft_io import NON_FINITE, check_weights
+from taskfed.model.peft_io import NON_FINITE, check_weights, extra_shapes
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -66,6 +66,15 @@ def decode_adapter(record: Any, shapes: Shapes, where: str, partial: bool = Fals
         out[key] = torch.from_numpy(value.copy())
     check_weights(out, shapes, where)
     return out
+
+
+def decode_extra(record: Any, shapes: Shapes, where: str, like: AdapterWeights | None = None,
+                 partial: bool = False) -> AdapterWeights:
+    """An extra array of a job or a result: adapter-shaped (`partial` as decode_adapter's), or a gate of the
+    width `like` (what the job sent under its name) or, without one, its own first key has (`extra_shapes`)."""
+    held = {k: tuple(a.shape) for k, a in record.items()} if isinstance(record, ArrayRecord) else {}
+    expected = extra_shapes(shapes, held, like)
+    return decode_adapter(record, expected, where, partial=partial and expected is shapes)
 
 
 def encode_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -187,12 +196,12 @@ def decode_jobs(content: RecordDict, shapes: Shapes, init: AdapterWeights | None
         raise TaskfedError("flower message: no round header.")
     adapters: dict[str, AdapterWeights] = {}
 
-    def arrays(key: str) -> AdapterWeights:
+    def arrays(key: str, decode=decode_adapter) -> AdapterWeights:
         if key not in adapters:
             if key not in content.array_records:
                 raise TaskfedError(f"flower message: job refers to missing adapter '{key}'.")
-            adapters[key] = decode_adapter(content.array_records[key], shapes, f"adapter {key} from the server",
-                                           partial=True)
+            adapters[key] = decode(content.array_records[key], shapes, f"adapter {key} from the server",
+                                   partial=True)
         return adapters[key]
 
     def source(value: list[str]) -> AdapterWeights | LocalRef:
@@ -253,7 +262,7 @@ def _job(rec: ConfigRecord, source, arrays) -> Job:
                candidates=[arrays(k) for k in rec["candidates"]] if "candidates" in rec else None,
                fill=source(list(rec["fill"])) if "fill" in rec else None,
                trains=tuple(rec["trains"]), sends=tuple(rec["sends"]),
-               extra={n: arrays(k) for n, k in zip(names, refs)})
+               extra={n: arrays(k, decode_extra) for n, k in zip(names, refs)})  # a gate among them (a router)
 
 
 def number_of(value: Any) -> float:

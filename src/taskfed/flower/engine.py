@@ -34,7 +34,7 @@ from taskfed.errors import TaskfedError
 from taskfed.evaluation.evaluate import ClientEval
 from taskfed.flower.basecache import cached_base
 from taskfed.flower.codec import (check_extras, check_results, check_stats, decode_adapter, decode_arrays, decode_eval_reply,
-                                  encode_config, encode_eval_request, encode_fed, encode_jobs)
+                                  decode_extra, encode_config, encode_eval_request, encode_fed, encode_jobs)
 from taskfed.methods.base import Downlink, Federation, Job, Result
 from taskfed.model.parts import only
 from taskfed.model.peft_io import n_bytes
@@ -291,8 +291,8 @@ class FlowerEngine:
             job = mine[row["job"]]
             weights = (decode_adapter(content.array_records.get(f"r.{i}"), only(self.shapes, job.sends), where)
                        if row["uploaded"] else None)
-            extra = {name: decode_adapter(content.array_records.get(f"x.{i}.{k}"), self.shapes, f"{where} ('{name}')")
-                     for k, name in enumerate(extras.get(i, []))}
+            extra = {name: decode_extra(content.array_records.get(f"x.{i}.{k}"), self.shapes, f"{where} ('{name}')",
+                                        job.extra.get(name)) for k, name in enumerate(extras.get(i, []))}
             out[row["job"]] = Result(job=job, weights=weights, n_rows=row["n_rows"], n_client=row["n_client"],
                                      loss=row["loss"], chosen=None if job.candidates is None else row["chosen"],
                                      extra=extra)

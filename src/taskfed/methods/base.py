@@ -13,7 +13,7 @@ Client side:  setup_client(client, rt) -> arrays for the server (optional, befor
               job_done(client, job, run) -> extra adapter-shaped arrays uploaded with the job's result
               eval_adapters(client, sent) -> {name: weights}     route(client, records, names, rt, sent) -> RowMix
               eval_facts(client) -> arrays for the evaluation's bookkeeping
-              client_adapters(client), client_arrays(client, rt) -> what the client keeps at the end of a run
+              client_adapters(client, sent), client_arrays(client, rt, sent) -> what the client keeps at the end of a run
 
 The client side of a method reads nothing but its client and what was sent to it (a Job, a Downlink, the
 Federation's public facts): an engine runs it on an instance of its own (a Flower node builds a fresh one),
@@ -91,13 +91,27 @@ class Job:
 
 
 @dataclass
-class Correction:
-    """A constant correction of a job's training, per factor key (SCAFFOLD's c - c_i): `at = "weights"`
-    subtracts lr x delta from the weights after every optimizer step; `at = "grad"` adds delta to the
-    gradient before it."""
+class Gating:
+    """A trained per-token gate over a job's terms (the bank's GateMix; FedALT's mixer, FedLEASE's router):
+    `gate` ("<module path>.gate": W x d_in per target module) is trained with the job's adapter; logit w
+    weighs term `terms[w]` (0: the trained adapter, k >= 1: the job's k-th frozen adapter; repeats alias);
+    `top_k` keeps the k largest, renormalised (None: a soft mix over all). The trained gate comes back in
+    the job's trained weights, under its own keys (`parts.split_gate`), never in what the job uploads."""
 
-    delta: AdapterWeights
+    gate: AdapterWeights
+    terms: tuple[int, ...]
+    top_k: int | None = None
+
+
+@dataclass
+class Correction:
+    """How a job's training departs from the common step, decided on the client: a constant correction per
+    factor key (SCAFFOLD's c - c_i; `at = "weights"` subtracts lr x delta from the weights after every
+    optimizer step, `at = "grad"` adds delta to the gradient before it), and/or a trained gate (`gating`)."""
+
+    delta: AdapterWeights = field(default_factory=dict)
     at: str = "weights"
+    gating: Gating | None = None
 
 
 @dataclass
@@ -272,6 +286,11 @@ class Method:
         """Per-row mix over `names` (indices into that list). Default: everything to the first adapter."""
         return RowMix.one_hot([0] * len(records))
 
+    def eval_gates(self, client: Client, sent: Downlink) -> list[AdapterWeights]:
+        """The gates a gated `route` names (RowMix.gate indexes this list), loaded into the bank with the
+        adapters. Default: none."""
+        return []
+
     def eval_facts(self, client: Client) -> dict[str, np.ndarray]:
         """Evaluation bookkeeping the client reports with its scores (e.g. how many rows of each task its
         local clusters hold): joined with true labels, which the method itself never uses."""
@@ -282,9 +301,10 @@ class Method:
         where the engine has it, is the server's evaluation downlink (a personal model may combine both)."""
         return {}
 
-    def client_arrays(self, client: Client, rt) -> dict[str, dict[str, torch.Tensor]]:
+    def client_arrays(self, client: Client, rt, sent: Downlink | None = None) -> dict[str, dict[str, torch.Tensor]]:
         """Client-owned tensors saved beside its adapters at the end of a run, by file name (e.g. FedDPA's
-        reference states, which serving needs): only what the method's config lets the client give away."""
+        reference states, which serving needs): only what the method's config lets the client give away;
+        `sent` as for `client_adapters` (FedLEASE saves the cluster router it was evaluated with)."""
         return {}
 
     def round_report(self, round_idx: int) -> dict[str, Any]:

@@ -165,7 +165,7 @@ class _FedDPA(Method):
     def client_adapters(self, client: Client, sent=None) -> dict[str, AdapterWeights]:
         return {"local": client.store[LOCAL]} if LOCAL in client.store else {}
 
-    def client_arrays(self, client: Client, rt) -> dict[str, dict[str, torch.Tensor]]:
+    def client_arrays(self, client: Client, rt, sent=None) -> dict[str, dict[str, torch.Tensor]]:
         """With export_references: h of every training instruction (client row order) for the server's s(x)."""
         if not self.params.export_references:
             return {}

@@ -20,6 +20,10 @@ Two ways to say the mix, one per use:
   slot it names (several logits may name one slot: FedLEASE's 2K-1 logits alias the client's own expert),
   then TokenMix's dense product. Gates are the bank's too (`add_gates`: n_gates x W x d_in per layer), one
   per client or cluster, chosen per token, so rows of several jobs still share one pass, packed or not.
+  With one gate per row (gate: batch x 1: training one row per sequence, evaluation, generation) each row
+  gathers its own gate and its W slots instead (RowMix's per-row gather): its result then does not depend
+  on the rows or slots beside it, so packed jobs train to the bit as alone. Evaluation and serving hold
+  gated rows as a RowMix with `gate` set (so rows are selected and joined as any row mix).
 Either way one optimizer over the stacked tensors equals one optimizer per adapter (AdamW is elementwise).
 
 The stacked tensors are float32 whatever the base model's dtype (master weights): at lr 1e-5 an AdamW
@@ -54,6 +58,14 @@ class RowMix:
     # Per term k: does any row detach it. Read on the host while the mix is still there (`on`), so that a
     # forward pass never reads a device tensor back.
     terms_detached: tuple[bool, ...] | None = None
+    # Gated rows (evaluation and serving of FedALT, FedLEASE): row b's weights are not `w` but computed per
+    # token by bank gate `gate[b]` (batch, long), whose W logits name the slots `idx[b, :W]` (GateMix's
+    # `slots`, aliases allowed; later terms weigh 0), top_k as GateMix's. A row with gate -1 is not gated and
+    # keeps its `w` (a served batch mixes gated requests with plain ones). Kept per row so that selecting and
+    # joining rows (batched generation) works as for any row mix.
+    gate: torch.Tensor | None = None
+    top_k: int | None = None
+    n: int = 0
 
     def on(self, device) -> "RowMix":
         """The mix on `device`, its detached flags read first (on the host, where the mix is built)."""
@@ -63,7 +75,7 @@ class RowMix:
             flags = (False,) * k if self.detached is None else tuple(bool(c) for c in self.detached.any(0).tolist())
         nb = torch.device(device).type == "cuda"
         move = lambda t: None if t is None else t.to(device, non_blocking=nb)  # noqa: E731
-        return RowMix(move(self.idx), move(self.w), move(self.detached), flags)
+        return RowMix(move(self.idx), move(self.w), move(self.detached), flags, move(self.gate), self.top_k, self.n)
 
     @staticmethod
     def one_hot(slots: list[int] | torch.Tensor) -> "RowMix":
@@ -81,7 +93,8 @@ class RowMix:
 
     def select(self, rows: torch.Tensor) -> "RowMix":
         det = None if self.detached is None else self.detached[rows]
-        return RowMix(self.idx[rows], self.w[rows], det)
+        gate = None if self.gate is None else self.gate[rows]
+        return RowMix(self.idx[rows], self.w[rows], det, gate=gate, top_k=self.top_k, n=self.n)
 
 
 @dataclass
@@ -143,6 +156,8 @@ class BankLinear(nn.Module):
         if isinstance(mix, TokenMix):
             return y + self._dense(x, mix).to(y.dtype)
         if isinstance(mix, GateMix):
+            if mix.gate.shape[1] == 1:  # one gate per row: the row's own slots only, as RowMix computes them
+                return y + self._gathered(x, mix).to(y.dtype)
             w = self.gate_weights(x, mix) * self._bank[0].scale
             return y + self._dense(x, TokenMix(w, mix.frozen, mix.any_frozen)).to(y.dtype)
         if mix.idx.shape[0] != x.shape[0]:
@@ -150,6 +165,9 @@ class BankLinear(nn.Module):
         scale = self._bank[0].scale
         xa = x
         delta = None
+        if mix.gate is not None:  # gated rows: per-token weights from each row's gate, the others their w
+            p = self.gate_probs(x, GateMix(mix.gate.clamp(min=0).view(-1, 1), mix.idx.unsqueeze(1), mix.n, mix.top_k))
+            gated = (mix.gate >= 0).view(-1, 1, 1)
         for k in range(mix.idx.shape[1]):
             A = self.lora_A[mix.idx[:, k]].to(x.dtype)  # batch x r x d_in (cast from the float32 masters)
             B = self.lora_B[mix.idx[:, k]].to(x.dtype)  # batch x d_out x r
@@ -158,22 +176,56 @@ class BankLinear(nn.Module):
                 A = torch.where(keep, A.detach(), A)
                 B = torch.where(keep, B.detach(), B)
             h = torch.matmul(torch.matmul(xa, A.transpose(1, 2)), B.transpose(1, 2))  # batch x T x d_out
-            term = h * (mix.w[:, k].to(h.dtype) * scale).view(-1, *([1] * (h.dim() - 1)))
+            w = mix.w[:, k].view(-1, *([1] * (h.dim() - 1)))
+            if mix.gate is not None:
+                w = torch.where(gated, p[..., k:k + 1] if k < p.shape[-1] else 0.0, w)
+            term = h * (w.to(h.dtype) * scale)
             delta = term if delta is None else delta + term
         return y + delta.to(y.dtype)
 
     def gate_weights(self, x: torch.Tensor, mix: GateMix) -> torch.Tensor:
-        """Each token's weights over slots 0..n-1 (... x n, summing to 1) from its gate: every gate's logits in
-        one product (gates are few), the token's own picked by index (no boolean mask, no host sync)."""
+        """Each token's weights over slots 0..n-1 (... x n, summing to 1) from its gate's probabilities, each
+        added onto the slot its logit names."""
+        p = self.gate_probs(x, mix)
+        return p.new_zeros(*x.shape[:-1], mix.n).scatter_add(-1, mix.slots.expand(*x.shape[:-1], p.shape[-1]), p)
+
+    def _gathered(self, x: torch.Tensor, mix: GateMix) -> torch.Tensor:
+        """sum_w p[token, w] * B_{slot w} A_{slot w} x with one gate per row, each row gathering its own W
+        slots (a logit at a time, as RowMix's terms): a row's result does not depend on the slots or rows
+        beside it (packed = one by one to the bit, like the plain bank's rows), and costs W, not n."""
+        p = self.gate_probs(x, mix)
+        scale = self._bank[0].scale
+        delta = None
+        for k in range(p.shape[-1]):
+            slot = mix.slots[:, 0, k]
+            A = self.lora_A[slot].to(x.dtype)  # batch x r x d_in
+            B = self.lora_B[slot].to(x.dtype)
+            if mix.any_frozen:
+                keep = mix.frozen[slot].view(-1, 1, 1)
+                A, B = torch.where(keep, A.detach(), A), torch.where(keep, B.detach(), B)
+            h = torch.matmul(torch.matmul(x, A.transpose(1, 2)), B.transpose(1, 2))
+            term = h * (p[..., k:k + 1].to(h.dtype) * scale)
+            delta = term if delta is None else delta + term
+        return delta
+
+    def gate_probs(self, x: torch.Tensor, mix: GateMix) -> torch.Tensor:
+        """Each token's probabilities over its gate's W logits (... x W, summing to 1, top-k kept). One gate
+        per row: the row's gate gathered (its logits then do not depend on the other gates). Per token:
+        every gate's logits in one product (gates are few), the token's own picked by index (no boolean
+        mask, no host sync)."""
         g = self.gate  # n_gates x W x d_in
         lead = x.shape[:-1]
-        logits = torch.nn.functional.linear(x, g.to(x.dtype).reshape(-1, g.shape[-1])).unflatten(-1, g.shape[:2])
-        pick = mix.gate.expand(lead)[..., None, None].expand(*lead, 1, g.shape[1])
-        p = logits.gather(-2, pick).squeeze(-2).float().softmax(-1)  # ... x W, softmax in float32
+        if mix.gate.shape[1] == 1:
+            logits = torch.matmul(x, g[mix.gate[:, 0]].to(x.dtype).transpose(1, 2))  # batch x T x W
+        else:
+            logits = torch.nn.functional.linear(x, g.to(x.dtype).reshape(-1, g.shape[-1])).unflatten(-1, g.shape[:2])
+            pick = mix.gate.expand(lead)[..., None, None].expand(*lead, 1, g.shape[1])
+            logits = logits.gather(-2, pick).squeeze(-2)
+        p = logits.float().softmax(-1)  # ... x W, softmax in float32
         if mix.top_k is not None and mix.top_k < g.shape[1]:
             kept, where = p.topk(mix.top_k, dim=-1)
             p = torch.zeros_like(p).scatter(-1, where, kept / kept.sum(-1, keepdim=True))
-        return p.new_zeros(*lead, mix.n).scatter_add(-1, mix.slots.expand(*lead, g.shape[1]), p)
+        return p
 
     def _dense(self, x: torch.Tensor, mix: TokenMix) -> torch.Tensor:
         """sum_s w[token, s] * B_s A_s x for the first n slots, as one rank n*r product."""
@@ -241,6 +293,21 @@ class AdapterBank:
         for layer in self.layers.values():
             w = layer.lora_A
             layer.gate = nn.Parameter(torch.zeros(n_gates, width, w.shape[-1], dtype=self.dtype, device=w.device))
+
+    def ensure_gates(self, n_gates: int, width: int) -> None:
+        """Room for `n_gates` gates of `width` logits at least; the gates there keep their weights (a server
+        swapping runs in serves the old gates' requests while it loads the new ones). Another width starts
+        over (zero gates)."""
+        have = self.gate_parameters()
+        if not have or have[0].shape[1] != width:
+            return self.add_gates(n_gates, width)
+        if n_gates <= have[0].shape[0]:
+            return None
+        for layer in self.layers.values():
+            grown = layer.gate.new_zeros((n_gates, *layer.gate.shape[1:]))
+            grown[:len(layer.gate)] = layer.gate.detach()
+            layer.gate = nn.Parameter(grown, requires_grad=layer.gate.requires_grad)
+        return None
 
     def gate_parameters(self) -> list[nn.Parameter]:
         """The gates' stacked tensors, one per layer ([] without gates): trained beside `parameters()`."""

@@ -12,9 +12,19 @@ V = TypeVar("V")
 PARTS: tuple[str, ...] = ("A", "B")
 
 
+GATE = "gate"  # a gate's keys ("<module path>.gate", the bank's GateMix): never one of PARTS, so they never travel as one
+
+
 def part_of(key: str) -> str:
-    """The factor a key belongs to ("...lora_A" -> "A")."""
-    return key.rsplit("_", 1)[-1]
+    """The factor a key belongs to ("...lora_A" -> "A"; a gate's "...q_proj.gate" -> "gate")."""
+    tail = key.rsplit(".", 1)[-1]
+    return GATE if tail == GATE else key.rsplit("_", 1)[-1]
+
+
+def split_gate(weights: dict[str, V]) -> tuple[dict[str, V], dict[str, V]]:
+    """An adapter that carries its gate's keys (a gated job's result) as (the adapter, the gate)."""
+    gate = {k: v for k, v in weights.items() if part_of(k) == GATE}
+    return {k: v for k, v in weights.items() if k not in gate}, gate
 
 
 def only(weights: dict[str, V], parts: tuple[str, ...]) -> dict[str, V]:

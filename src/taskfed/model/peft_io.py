@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from taskfed.errors import TaskfedError
 from taskfed.model.bank import AdapterWeights
-from taskfed.model.parts import only
+from taskfed.model.parts import GATE, only, part_of
 from taskfed.state import save_safetensors
 
 PREFIX = "base_model.model."
@@ -94,10 +94,32 @@ def check_weights(weights: AdapterWeights, expected: dict[str, tuple[int, ...]],
 
 def check_upload(weights: AdapterWeights, extra: dict[str, AdapterWeights], shapes: dict[str, tuple[int, ...]],
                  job, where: str) -> None:
-    """An upload as the server expects it: the factors the job sends, and each extra array adapter-shaped."""
+    """An upload as the server expects it: the factors the job sends, and each extra array adapter-shaped or,
+    a gate, shaped as the job sent it (`extra_shapes`)."""
     check_weights(weights, only(shapes, job.sends), where)
     for name, value in sorted(extra.items()):
-        check_weights(value, shapes, f"{where} ('{name}')")
+        check_weights(value, extra_shapes(shapes, shapes_of(value), job.extra.get(name)), f"{where} ('{name}')")
+
+
+def shapes_of(weights: AdapterWeights) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in weights.items()}
+
+
+def gate_shapes(shapes: dict[str, tuple[int, ...]], width: int) -> dict[str, tuple[int, ...]]:
+    """A gate of `width` logits over an adapter of `shapes`: "<module>.gate", width x d_in per target module."""
+    return {k.removesuffix(".lora_A") + f".{GATE}": (width, s[1]) for k, s in shapes.items() if k.endswith(".lora_A")}
+
+
+def extra_shapes(shapes: dict[str, tuple[int, ...]], held: dict[str, tuple[int, ...]],
+                 like: AdapterWeights | None = None) -> dict[str, tuple[int, ...]]:
+    """The shapes an extra array (Job.extra, Result.extra) holding `held` (key -> shape) must have: the
+    adapter's, or where it holds gate keys (FedLEASE's router) every module's gate, of the width of `like` (the
+    gate the job sent under the same name: it comes back as it went) or, sent none, of its own first key."""
+    if not any(part_of(k) == GATE for k in held):
+        return shapes
+    ref = shapes_of(like) if like and any(part_of(k) == GATE for k in like) else held
+    first = ref[min(ref)]
+    return gate_shapes(shapes, first[0] if first else 0)
 
 
 def n_bytes(weights: AdapterWeights, bytes_per_value: int = 4) -> int:

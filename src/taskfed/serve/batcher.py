@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from taskfed.errors import TaskfedError
 from taskfed.evaluation.generate import GREEDY, Decoder, Sampling
 from taskfed.model.bank import RowMix
 from taskfed.runtime import Runtime
@@ -95,17 +96,42 @@ class Batcher:
         used = {s for r in keep for s in r.slots.values()}
         free = (s for s in range(1, 1 << 20) if s not in used)
         slots = {name: next(free) for name in sorted(run.adapters)}
+        gate_slots = self._gate_slots(keep, run)
         self.rt.ensure_slots(max([0, *used, *slots.values()]) + 1)
         for name, slot in slots.items():
             self.rt.bank.load(slot, run.adapters[name])
-        run.slots = slots
+        for cid, g in gate_slots.items():
+            self.rt.bank.load_gate(g, run.gates[cid])
+        run.slots, run.gate_slots = slots, gate_slots
         self.installed = [*keep, run]
         self.current = run
 
-    def _row(self, run: ServedRun, d: Decision) -> tuple[list[int], list[float]]:
+    def _gate_slots(self, keep: list[ServedRun], run: ServedRun) -> dict[str, int]:
+        """Bank gates for `run`'s clients beside those of the runs kept (their requests still decode): gated
+        rows of two runs share a batch, so the runs' gates must share one width and top-k."""
+        if not run.gates:
+            return {}
+        width = len(next(iter(run.router.params["models"].values()))["logits"])
+        for other in keep:
+            if other.gates and (len(next(iter(other.router.params["models"].values()))["logits"]), other.router.params.get("top_k")) \
+                    != (width, run.router.params.get("top_k")):
+                raise TaskfedError(f"{run.folder}: its gates ({width} logits, top-k {run.router.params.get('top_k')}) "
+                                   f"differ from those of {other.folder}, whose requests are still decoding; reload "
+                                   f"once they are done.")
+        used = {g for r in keep for g in r.gate_slots.values()}
+        free = (g for g in range(1 << 20) if g not in used)
+        gate_slots = {cid: next(free) for cid in sorted(run.gates)}
+        self.rt.bank.ensure_gates(max([*used, *gate_slots.values()]) + 1, width)
+        return gate_slots
+
+    def _row(self, run: ServedRun, d: Decision) -> tuple[list[int], list[float], int]:
+        """A decision as a row of the bank's mix: slots, weights, and its gate (-1: none)."""
         if d.adapters == [BASE]:
-            return [0], [0.0]
-        return [run.slots[a] for a in d.adapters], list(d.weights)
+            return [0], [0.0], -1
+        if d.gate is not None:  # one term per logit, weighed per token by the client's gate
+            slots = [run.slots[d.adapters[i]] for i in run.gate_row(d)]
+            return slots, [0.0] * len(slots), run.gate_slots[d.gate]
+        return [run.slots[a] for a in d.adapters], list(d.weights), -1
 
     # ----------------------------------------------------------------- the loop
     # What ServedRun.decide needs computed on the model (the batch's routed inputs at once).
@@ -170,7 +196,7 @@ class Batcher:
         self._keep(keep)
 
     def _admit(self, new: list[Ticket]) -> list[int]:
-        rows: list[tuple[list[int], list[float]]] = []
+        rows: list[tuple[list[int], list[float], int]] = []
         by_run: dict[int, list[int]] = {}
         for i, t in enumerate(new):
             by_run.setdefault(id(t.run), []).append(i)
@@ -187,11 +213,16 @@ class Batcher:
         for t, d in zip(new, decisions):
             t.emit("decision", d)
             rows.append(self._row(t.run, d))
-        k = max(len(idx) for idx, _ in rows)
+        k = max(len(idx) for idx, _, _ in rows)
         idx = torch.tensor([r[0] + [0] * (k - len(r[0])) for r in rows], dtype=torch.long)
         w = torch.tensor([r[1] + [0.0] * (k - len(r[1])) for r in rows], dtype=torch.float32)
+        mix = RowMix(idx, w)
+        gated = [t.run for t, d in zip(new, decisions) if d.gate is not None]
+        if gated:  # top-k is one per batch: _gate_slots keeps the runs served together alike
+            mix = RowMix(idx, w, gate=torch.tensor([r[2] for r in rows], dtype=torch.long),
+                         top_k=gated[0].router.params.get("top_k"), n=self.rt.bank.n_slots)
         self.stats["requests"] += len(new)
-        return self.dec.admit([t.prompt for t in new], RowMix(idx, w), [t.sampling for t in new])
+        return self.dec.admit([t.prompt for t in new], mix, [t.sampling for t in new])
 
     def _decide(self, tickets: list[Ticket]) -> list[Decision | None]:
         """The routing decisions of tickets of one run, in one batch; if the batch fails, ticket by ticket, so

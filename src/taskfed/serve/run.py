@@ -5,7 +5,8 @@ Names a request may give as `model`:
                     without a router (FedAvg, clustered FL's model) answers with its one adapter
     auto@<client>   FedDPA's instance-wise mix of `global` and that client's local adapter (weighted per
                     input from the client's exported reference states, or fixed); FedRouter with
-                    `router = "local"`: the nearest of the centroids bound to that client
+                    `router = "local"`: the nearest of the centroids bound to that client; FedALT and
+                    FedLEASE: that client's model, its adapters mixed per token and per layer by its gate
     <adapter>       one adapter as the run folder names it: `cluster/2`, `global`, `local@03`
     base            the base model, no adapter
 and an explicit mix in the body, `{"cluster/0": 0.7, "cluster/1": 0.3}`, whatever `model` says: each weight an
@@ -57,6 +58,7 @@ class Ask:
     client: str | None = None
     names: list[str] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
+    gate: str | None = None  # a gate router's client: `names` mixed per token by its gate (no weights)
 
 
 @dataclass
@@ -66,10 +68,14 @@ class Decision:
     distance: float | None = None  # to the chosen centroid (routed inputs)
     distances: dict[str, float] | None = None  # to every centroid the router could use
     abstained: bool = False
+    gate: str | None = None  # whose gate weighs `adapters` per token (then `weights` is empty)
 
     def public(self, run: "ServedRun") -> dict[str, Any]:
-        return {"adapters": self.adapters, "weights": [round(w, 6) for w in self.weights], "distance": self.distance,
-                "distances": self.distances, "abstained": self.abstained, "run": run.id, "round": run.rounds}
+        out = {"adapters": self.adapters, "weights": [round(w, 6) for w in self.weights], "distance": self.distance,
+               "distances": self.distances, "abstained": self.abstained, "run": run.id, "round": run.rounds}
+        if self.gate is not None:
+            out["gate"] = {"client": self.gate, "top_k": run.router.params.get("top_k"), "per": "token and layer"}
+        return out
 
 
 class ServedRun:
@@ -93,6 +99,12 @@ class ServedRun:
         self.references: dict[str, torch.Tensor] = {
             cid: self._references(self._inside(rel, f"client {cid}'s references"))
             for cid, rel in sorted(self.doc.get("client_arrays", {}).get("references", {}).items())}
+        # Gate routers (FedALT, FedLEASE): per client, its gate over its model's adapters.
+        self.gates: dict[str, AdapterWeights] = {}
+        if self.router.kind == "gate":
+            p = self.router.params
+            self.gates = {cid: self._gate(cid, self._inside(self.doc["client_arrays"][p["gate"]][cid], f"client {cid}'s gate"))
+                          for cid in sorted(p["models"])}
         self.hidden, self.layers = hidden, layers
         self._check_model()
         self.serves = self._makeup()
@@ -101,6 +113,7 @@ class ServedRun:
             raise TaskfedError(f"--fallback {fallback}: not an adapter of {self.folder} (use base or one of "
                                f"{', '.join(sorted(self.adapters))}).")
         self.slots: dict[str, int] = {}  # adapter name -> bank slot, once the batcher has loaded it
+        self.gate_slots: dict[str, int] = {}  # client -> bank gate (gate routers), likewise
 
     def _makeup(self) -> dict[str, dict[str, int]]:
         """What each cluster adapter was built from, per task (the run's `cluster_makeup` in metrics.json,
@@ -140,6 +153,31 @@ class ServedRun:
             raise TaskfedError(f"{path}: reference states must be one finite float tensor 'h' of shape (rows, hidden).")
         return h.double()
 
+    def _gate(self, cid: str, path: Path) -> AdapterWeights:
+        """Client `cid`'s gate: one finite W x d_in tensor per target module of its model's adapters, W its
+        logits (router.json)."""
+        model = self.router.params["models"][cid]
+        like = self.adapters[model["adapters"][0]]
+        want = {k.removesuffix(".lora_A") + ".gate": (len(model["logits"]), int(v.shape[1]))
+                for k, v in like.items() if k.endswith(".lora_A")}
+        try:
+            gate = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise TaskfedError(f"{path}: corrupt gate file ({str(exc).splitlines()[0]}).") from None
+        if set(gate) != set(want):
+            odd = sorted(set(gate) ^ set(want))[0]
+            raise TaskfedError(f"{path}: gate key '{odd}' {'is missing' if odd in want else 'is not a target module of the run'}.")
+        for k, shape in want.items():
+            t = gate[k]
+            if tuple(t.shape) != shape or not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise TaskfedError(f"{path}: gate '{k}' must be a finite float tensor of shape {shape}, got "
+                                   f"{t.dtype} {tuple(t.shape)}.")
+        return {k: v.float() for k, v in gate.items()}
+
+    def gate_row(self, d: Decision) -> list[int]:
+        """A gated decision's logits as indices into its adapters (repeats alias)."""
+        return list(self.router.params["models"][d.gate]["logits"])
+
     def check_shapes(self, shapes: dict[str, tuple[int, ...]], hidden: int, layers: int | None = None) -> None:
         """Every adapter, reference state and the router fit the loaded base model (`layers`: its decoder
         layers); the folder is read without it first, so a bad folder fails fast."""
@@ -167,8 +205,9 @@ class ServedRun:
         return self.doc["base_model"] == other.doc["base_model"] and self.doc["lora"] == other.doc["lora"]
 
     def model_names(self) -> list[str]:
-        clients = self.router.clients if self.router.kind == "nearest" else (
-            self.doc.get("clients", []) if self.router.kind == "mix" else [])
+        kind = self.router.kind
+        clients = self.router.clients if kind == "nearest" else (
+            self.doc.get("clients", []) if kind == "mix" else sorted(self.gates) if kind == "gate" else [])
         return [AUTO, *(f"{AUTO}@{c}" for c in clients), BASE, *self.adapters]
 
     def prompt(self, instruction: str) -> str:
@@ -186,6 +225,13 @@ class ServedRun:
         if name != AUTO:
             raise BadRequest(f"model '{model}' is not served here; GET /v1/models lists what is.", "model", "model_not_found")
         kind = self.router.kind
+        if kind == "gate":
+            if not client:
+                raise BadRequest(f"model 'auto': each client of this {self.method} run has its own gated model; name "
+                                 f"the client, e.g. 'auto@{sorted(self.gates)[0]}'.", "model", "model_not_found")
+            if client not in self.gates:
+                raise BadRequest(f"model '{model}': this run has no client '{client}'.", "model", "model_not_found")
+            return Ask(names=list(self.router.params["models"][client]["adapters"]), gate=client)
         if kind == "one":
             if client or not self.router.adapters:
                 raise BadRequest(f"model '{model}': this {self.method} run has no router; name an adapter.", "model",
@@ -242,7 +288,7 @@ class ServedRun:
         """Decisions for a batch of asks. `enc` computes what routing needs, for all of the batch's routed
         inputs at once: `enc.embed(texts, layers)` (the nearest router's embedding) and
         `enc.last_states(texts, slots)` (FedDPA's h: last-token state with each row's adapter slot)."""
-        out: list[Decision | None] = [None if a.route else Decision(list(a.names), list(a.weights)) for a in asks]
+        out: list[Decision | None] = [None if a.route else Decision(list(a.names), list(a.weights), gate=a.gate) for a in asks]
         routed = [i for i, a in enumerate(asks) if a.route == "nearest"]
         if routed:
             state: RouterState = self.router
