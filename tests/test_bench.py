@@ -273,6 +273,18 @@ def test_shipped_suites_validate_and_cover_the_three_papers():
     for c in grid:
         assert c.cfg.eval.max_rows_per_task == 200 and c.cfg.eval.modes == ["global", "unseen"]
         assert len(c.cfg.data.unseen_tasks) == 4 and not set(c.cfg.data.unseen_tasks) & set(c.cfg.data.tasks)
+    # The rivals suite: FedRouter beside FedALT and FedLEASE in both settings, on the baselines suite's rows
+    # (same data, model, budget and evaluation), so its cells pair with that suite's.
+    grid = cells(load_suite(root / "rivals.toml"), "rivals")
+    base = {c.method: c.cfg for c in cells(load_suite(root / "baselines.toml"), "baselines") if c.scenario == "dual"}
+    for scenario in ("single", "dual"):
+        assert {c.method for c in grid if c.scenario == scenario} == {"local", "fedavg", "fedalt", "fedlease",
+                                                                         "fedrouter", "base"}
+    for c in grid:
+        assert (c.cfg.data, c.cfg.model, c.cfg.train, c.cfg.eval) == (base["fedavg"].data, base["fedavg"].model,
+                                                                      base["fedavg"].train, base["fedavg"].eval)
+        if c.scenario == "dual" and c.method in base:
+            assert c.cfg == base[c.method]
 
 
 def test_baselines_suite_runs_every_baseline_beside_the_seeds_methods_and_ranks_over_all(tmp_path: Path):

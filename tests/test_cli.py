@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,12 @@ def test_demo_runs_its_methods_on_one_model_and_prints_the_table(tmp_path, monke
     for name in ("local", "fedavg", "fedrouter"):
         assert f"| {name} |" in table and (tmp_path / "demo" / name / "metrics.json").exists()
     assert table.strip() in result.output
+    # The demo's FedRouter routes at 4 layers on the real model (cheap routing when served); the tiny model
+    # has 2, so under --smoke it embeds at full depth.
+    from taskfed.demo import DEMO_METHODS
+    assert next(t for t in DEMO_METHODS if t["name"] == "fedrouter")["embed_layers"] == 4
+    resolved = tomllib.loads((tmp_path / "demo" / "fedrouter" / "config.toml").read_text())
+    assert resolved["method"]["n_local"] == 2 and "embed_layers" not in resolved["method"]
     # What the demo says: from its first line where the runs go; the bars under each method's name; where
     # the runs are and how to serve them; its help counts the folders it writes.
     first = next(line for line in result.output.splitlines() if line.strip())
@@ -142,3 +149,27 @@ def test_demo_runs_its_methods_on_one_model_and_prints_the_table(tmp_path, monke
     assert "three run folders" in _run("demo", "--help").output
     served = _run("serve", tmp_path / "demo", "--port", "0")  # the demo's folder, not one run: which to serve
     assert served.exit_code == 2 and "holds run folders (fedavg, fedrouter, local), not one run" in served.output
+
+
+def test_demo_without_a_big_bench_archive_runs_on_the_flan_files_beside_the_checkout(tmp_path, monkeypatch):
+    # PyPI serves only bigbench 0.0.1 (no task files): on a fresh machine pip cannot fetch 1.0.0's archive.
+    import taskfed.data.bigbench as bigbench
+    import taskfed.demo as demo
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("TASKFED_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TASKFED_BIGBENCH_ARCHIVE", raising=False)
+    failed = subprocess.CompletedProcess([], 1, "", "ERROR: Could not find a version that satisfies the requirement")
+    monkeypatch.setattr(bigbench, "_pip_download", lambda tmp: failed)
+    result = _run("demo", "--out", tmp_path / "demo", "--smoke")
+    assert result.exit_code == 0, result.output
+    assert "no BIG-bench archive" in result.output and "The demo runs on the FedDPA FLAN files in" in result.output
+    data = tomllib.loads((tmp_path / "demo" / "fedrouter" / "config.toml").read_text())["data"]
+    assert data["source"] == "feddpa" and data["template"] == "plain"
+    assert Path(data["path"]).resolve() == (ROOT.parent / "shared/data/flan-feddpa/dataset1").resolve()
+    # Neither the archive nor the files: the download's error, and how to point the demo at FLAN files.
+    monkeypatch.setattr(demo, "FLAN_BESIDE", Path("no/such/folder"))
+    result = _run("demo", "--out", tmp_path / "demo2", "--smoke")
+    assert result.exit_code != 0 and "failed (ERROR: Could not find a version" in result.output
+    assert "--set data.source=feddpa --set data.path=" in result.output
+    assert not (tmp_path / "demo2" / "local").exists()  # nothing half-written

@@ -257,6 +257,15 @@ def split_task(records: list[Record], name: str, n_train: int, n_test: int,
     return [records[i] for i in order[:n_train]], [records[i] for i in order[n_train:n_train + n_test]]
 
 
+def ensure_tasks(names: list[str], cache_dir: Path) -> dict[str, Path]:
+    """Each task's cached JSON file, extracted from the archive (downloaded first if need be) when one is
+    missing: the archive is only touched then."""
+    paths = {name: _task_path(cache_dir, name) for name in names}
+    if not all(p.is_file() for p in paths.values()):
+        extract_tasks(ensure_archive(cache_dir), names, cache_dir)
+    return paths
+
+
 def load_bigbench(tasks: list[str] | None = None, cache_dir: Path | None = None, n_train: int = 300,
                   n_test: int = 100, seed: int = 0) -> tuple[list[Record], list[Record]]:
     """(train, test) Records: per task, a seeded shuffle, the first n_train rows to train, the next n_test
@@ -267,10 +276,7 @@ def load_bigbench(tasks: list[str] | None = None, cache_dir: Path | None = None,
     if n_train < 0 or n_test < 0:
         raise TaskfedError(f"n_train and n_test must be >= 0, got {n_train} and {n_test}.")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    paths = {name: _task_path(cache_dir, name) for name in names}
-    # Only touch (or download) the archive when a task is not cached yet.
-    if not all(p.is_file() for p in paths.values()):
-        extract_tasks(ensure_archive(cache_dir), names, cache_dir)
+    paths = ensure_tasks(names, cache_dir)
     train: list[Record] = []
     test: list[Record] = []
     for name in names:
