@@ -74,8 +74,8 @@ def _demo_data(cfg, log: Callable[[str], None]):
         ensure_tasks((cfg.data.tasks + cfg.data.unseen_tasks) or DEFAULT_SUITE, cache_dir())
         return cfg
     except TaskfedError as err:
-        found = next((p for p in (FLAN_BESIDE, Path(__file__).resolve().parents[2] / FLAN_BESIDE)
-                      if (p / "flan_test_200_selected_nstrict_1.jsonl").is_file()), None)
+        # The folder only: its layout is load_feddpa's to check, with its own error naming the file.
+        found = next((p for p in (FLAN_BESIDE, Path(__file__).resolve().parents[2] / FLAN_BESIDE) if p.is_dir()), None)
         if found is None:
             raise TaskfedError(f"{err} Or run the demo on the FedDPA FLAN files: taskfed demo --set "
                                f"data.source=feddpa --set data.path=<their folder>.") from None
